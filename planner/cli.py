@@ -1,0 +1,261 @@
+"""The ``memplan`` command line: parse, build objects, call one library function, render.
+
+The edge of the flow. User errors become one-line messages with exit code 2; heavy imports
+(torch, transformers) happen only when a command needs them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from planner.architectures import ProfileError
+from planner.units import parse_size
+
+DEFAULT_MODEL = "minicpm-o-2.6"
+DEFAULT_GPUS = "2x3090"
+# The reference report (shared/reference/minicpm-o.md): MiniCPM-o's own script never builds the
+# audio encoder, its projector or the TTS (init_audio=False, init_tts=False), the vision tower is frozen (--tune_vision false), the LLM and the
+# resampler are trained.
+REFERENCE_GROUPS = {"without": ("apm", "audio_projection_layer", "tts"), "freeze": ("vpm",)}
+
+
+class UserError(click.ClickException):
+    """A mistake in what the user asked for: one line, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"memplan: error: {self.format_message()}", err=True)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn the library's input errors into UserError, so no traceback reaches the user."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ProfileError as exc:
+            raise UserError(str(exc)) from None
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            raise UserError(f"{loc}: {msg}" if loc else msg) from None
+
+    return wrapper
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _names(ctx: click.Context, param: click.Parameter, value: tuple[str, ...] | str | None) -> tuple[str, ...] | None:
+    """Comma-separated and/or repeated names -> a tuple; None when not given."""
+    if value is None or value == ():
+        return None
+    values = (value,) if isinstance(value, str) else value
+    return tuple(n.strip() for v in values for n in v.split(",") if n.strip())
+
+
+profiles_dir_option = click.option(
+    "--profiles-dir",
+    "profiles_dirs",
+    multiple=True,
+    type=click.Path(file_okay=True, dir_okay=True, path_type=Path),
+    help="Extra folder (or file) of GPU/model profiles; repeatable. Also $MEMPLAN_PROFILES.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="memplan")
+def main() -> None:
+    """memplan: plan the memory of fine-tuning runs before they run out of it."""
+
+
+ESTIMATE_EPILOG = """\b
+Examples:
+  memplan estimate
+  memplan estimate --model minicpm-o-2.6 --gpus 2x3090 --host-ram 64GiB \\
+      --without apm,tts --freeze vpm --zero 3 --offload-optimizer cpu --offload-param cpu
+  memplan estimate --model qwen2.5-7b --gpus 4xa100-80g --engine torch --precision pure-bf16
+  memplan estimate --model ./my-model/config.json --gpus 2x4090 --lora-rank 16 --json
+"""
+
+
+@main.command(epilog=ESTIMATE_EPILOG)
+@click.option("--model", default=None, help=f"Profile name, hub id or local config.json (or its folder). [default: {DEFAULT_MODEL}]")
+@click.option("--gpus", default=None, help="GPUS like 2x3090, 8xa100-80g, 2x8xh100 (nodes x GPUs per node), or auto. [default: auto, else 2x3090]")
+@click.option("--host-ram", callback=_size, help="Host RAM per node, e.g. 128GiB. [default: this machine's]")
+@click.option("--engine", type=click.Choice(["torch", "deepspeed"]), default="deepspeed", show_default=True)
+@click.option("--zero", type=click.Choice(["0", "1", "2", "3"]), default="3", show_default=True, help="DeepSpeed ZeRO stage.")
+@click.option("--offload-optimizer", type=click.Choice(["none", "cpu", "nvme"]), default="cpu", show_default=True)
+@click.option("--offload-param", type=click.Choice(["none", "cpu", "nvme"]), default="cpu", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "amp-bf16", "amp-fp16", "pure-bf16"]), default="amp-bf16", show_default=True)
+@click.option(
+    "--optimizer",
+    type=click.Choice(["adamw", "adamw-forloop", "adamw-foreach", "adamw-fused", "adamw-8bit", "adafactor", "sgd"]),
+    default="adamw",
+    show_default=True,
+    help="adamw = the engine's default (torch: fused AdamW; DeepSpeed: FusedAdam, or CPU Adam when offloaded).",
+)
+@click.option("--train", multiple=True, callback=_names, help="Train only these groups/parts (e.g. llm,resampler); the rest is frozen.")
+@click.option("--freeze", multiple=True, callback=_names, help="Freeze these groups/parts (e.g. vpm or llm.embed_tokens).")
+@click.option("--without", multiple=True, callback=_names, help="Groups the training script never builds (e.g. apm,tts).")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=None, help="Train LoRA adapters of this rank (peft).")
+@click.option("--lora-targets", multiple=True, callback=_names, help="Linear names to adapt [default: q_proj,k_proj,v_proj,o_proj]; all-linear for all.")
+@click.option("--lora-groups", multiple=True, callback=_names, help="Groups that get adapters [default: the LLM].")
+@click.option("--micro-batch", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per GPU per micro-step.")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-steps per optimizer step.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=1024, show_default=True, help="Tokens per sample (context length).")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+@profiles_dir_option
+@user_errors
+def estimate(model: str | None, gpus: str | None, host_ram: int | None, engine: str, zero: str,
+             offload_optimizer: str, offload_param: str, precision: str, optimizer: str,
+             train: tuple[str, ...] | None, freeze: tuple[str, ...] | None, without: tuple[str, ...] | None,
+             lora_rank: int | None, lora_targets: tuple[str, ...] | None, lora_groups: tuple[str, ...] | None,
+             micro_batch: int, grad_accum: int, seq_len: int, as_json: bool, profiles_dirs: tuple[Path, ...]) -> None:
+    """Estimate the memory of one training setup, per GPU and per host."""
+    from planner.estimate import estimate as run_estimate
+    from planner.hardware import make_cluster
+    from planner.options import LoraOptions, TrainingOptions
+    from planner.profile import load_catalog
+    from planner.workload import Workload
+
+    catalog = load_catalog(profiles_dirs)
+    notes = []
+    if model is None and train is None and freeze is None and without is None and lora_rank is None:
+        without, freeze = REFERENCE_GROUPS["without"], REFERENCE_GROUPS["freeze"]
+        notes.append(f"no --model: planning the reference setup: {DEFAULT_MODEL} as its finetune.py builds it"
+                     " (without apm, audio_projection_layer, tts), vpm frozen, LLM and resampler trained")
+    spec = load_model(model or DEFAULT_MODEL, catalog)
+    cluster = _cluster(gpus, catalog, host_ram, notes)
+    if engine == "torch" and (zero, offload_optimizer, offload_param) == ("3", "cpu", "cpu"):
+        zero, offload_optimizer, offload_param = "0", "none", "none"  # the DeepSpeed defaults do not apply
+    lora = None
+    if lora_rank is not None:
+        lora = LoraOptions(rank=lora_rank, **({"targets": lora_targets} if lora_targets else {}), groups=lora_groups or ())
+    elif lora_targets or lora_groups:
+        raise UserError("--lora-targets and --lora-groups need --lora-rank")
+    options = TrainingOptions(
+        engine=engine, zero=int(zero), offload_optimizer=offload_optimizer, offload_param=offload_param,
+        precision=precision, optimizer=optimizer, train=train, freeze=freeze or (), without=without or (), lora=lora,
+    )
+    workload = Workload(micro_batch=micro_batch, grad_accum=grad_accum, seq_len=seq_len)
+    est = run_estimate(spec, cluster, options, workload, notes=notes)
+    from planner import render
+
+    title = f"{spec.name} on {cluster.label}, {_describe(options)}"
+    if as_json:
+        doc = render.estimate_json(est, {"model": spec.name, "gpus": cluster.label, "world_size": cluster.world_size,
+                                         "options": json.loads(options.model_dump_json()), "workload": workload.model_dump()})
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        render.console().print(render.estimate_view(est, title))
+
+
+def _describe(options: Any) -> str:
+    if options.engine.value == "torch":
+        return f"torch, {options.precision.value}, {options.optimizer_impl.value}"
+    off = []
+    if options.offload_optimizer.value != "none":
+        off.append(f"optimizer->{options.offload_optimizer.value}")
+    if options.offload_param.value != "none":
+        off.append(f"params->{options.offload_param.value}")
+    return f"ZeRO-{int(options.zero)}" + (f" ({', '.join(off)})" if off else "") + f", {options.precision.value}"
+
+
+def _cluster(gpus: str | None, catalog: Any, host_ram: int | None, notes: list[str]) -> Any:
+    from planner.hardware import make_cluster
+
+    if gpus is not None:
+        cluster = make_cluster(gpus, catalog, host_ram)
+    else:
+        try:
+            cluster = make_cluster("auto", catalog, host_ram)
+        except ProfileError:
+            cluster = make_cluster(DEFAULT_GPUS, catalog, host_ram)
+            notes.insert(0, f"no NVIDIA GPU detected: planning for {DEFAULT_GPUS} (--gpus to choose)")
+    if cluster.note:
+        notes.append(cluster.note)
+    return cluster
+
+
+def load_model(name: str, catalog: Any) -> Any:
+    """A ModelSpec from a profile name or hub id, or from a local config.json / folder."""
+    from planner.hf_config import find_config, model_from_config
+    from planner.profile import build_model
+
+    if catalog.has_model(name):
+        return build_model(catalog.model(name))
+    if find_config(name) is not None:
+        return model_from_config(name)
+    if Path(name).expanduser().exists():
+        raise ProfileError(f"--model {name}: no config.json there")
+    return build_model(catalog.model(name))  # raises with close matches
+
+
+@main.group(invoke_without_command=True)
+@profiles_dir_option
+@click.pass_context
+@user_errors
+def profiles(ctx: click.Context, profiles_dirs: tuple[Path, ...]) -> None:
+    """List the GPU and model profiles (shipped and your own)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from planner.profile import build_model, load_catalog
+    from planner.render import console, count
+
+    from rich.table import Table
+
+    catalog = load_catalog(profiles_dirs)
+    models = Table(title="models", title_justify="left")
+    for col in ("name", "hub id", "params", "groups"):
+        models.add_column(col, justify="right" if col == "params" else "left")
+    for m in sorted(catalog.models.values(), key=lambda m: m.name):
+        spec = build_model(m, check_counts=False)
+        groups = ", ".join(f"{g.name} {count(g.params)}" for g in spec.groups)
+        models.add_row(m.name, m.hf_id or "", count(spec.params), groups)
+    gpus = Table(title="GPUs", title_justify="left")
+    for col in ("name", "GPU", "memory", "bf16 TFLOP/s", "NVLink GB/s", "PCIe"):
+        gpus.add_column(col)
+    for g in sorted(catalog.gpus.values(), key=lambda g: (g.memory_mib, g.name)):
+        gpus.add_row(g.name, g.full_name, f"{g.memory_mib} MiB", f"{g.bf16_tflops:g}" if g.bf16 else "no bf16",
+                     f"{g.nvlink_gbps:g}" if g.nvlink_gbps else "-", f"gen{g.pcie_gen} x{g.pcie_lanes}")
+    out = console()
+    out.print(models)
+    out.print(gpus)
+
+
+@profiles.command("validate")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@user_errors
+def validate(paths: tuple[Path, ...]) -> None:
+    """Check profile files (default: the shipped ones): schema, and that every model's groups
+    add up to their expected_params."""
+    from planner.profile import build_model, builtin_profiles_dir, load_file, toml_files
+
+    files = [f for p in (paths or (builtin_profiles_dir(),)) for f in toml_files(p)]
+    if not files:
+        raise UserError(f"no .toml files in {', '.join(map(str, paths))}")
+    for path in files:
+        pf = load_file(path)
+        for m in pf.models:
+            try:
+                build_model(m)
+            except ProfileError as exc:
+                raise ProfileError(f"{path}: {exc}") from None
+        click.echo(f"ok  {path}: {len(pf.gpus)} GPU(s), {len(pf.models)} model(s)")

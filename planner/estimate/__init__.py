@@ -1,0 +1,41 @@
+"""The estimator: pure arithmetic from (model, cluster, options, workload) to bytes.
+
+Third stage of the flow. No torch import and no I/O anywhere under this package, so
+``memplan estimate`` starts fast and tests can call it thousands of times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from planner.estimate.result import Estimate, assemble
+from planner.estimate.states import ZeroSettings, model_state_items
+from planner.hardware import Cluster
+from planner.options import TrainingOptions
+from planner.profile import ModelSpec
+from planner.workload import Workload, trainable_inventory
+
+__all__ = ["estimate", "Estimate"]
+
+
+def estimate(model: ModelSpec, cluster: Cluster, options: TrainingOptions, workload: Workload,
+             zero: ZeroSettings | None = None, notes: Iterable[str] = ()) -> Estimate:
+    """Estimate one training setup: per-GPU bytes for the most loaded rank, host bytes per node.
+
+    Args:
+        model: the model's groups and tensors.
+        cluster: GPUs, nodes and host RAM.
+        options: how the step runs and what trains.
+        workload: tokens per micro-step (activations arrive with the activation model).
+        zero: DeepSpeed values; default: what HF Trainer resolves "auto" to for this model.
+        notes: notes to carry into the result.
+    """
+    params = trainable_inventory(model, options)
+    zero = zero or ZeroSettings.hf_auto(model.hidden_size)
+    items = model_state_items(params, options, cluster.world_size, zero)
+    group_params: dict[str, tuple[int, int]] = {}
+    for p in params:
+        total, trained = group_params.get(p.group, (0, 0))
+        group_params[p.group] = (total + (p.numel if p.origin != "lora" and p.origin != "copy" else 0),
+                                 trained + (p.numel if p.trainable else 0))
+    return assemble(items, group_params, cluster.gpus_per_node, cluster.gpu_memory_bytes, cluster.host_ram_bytes, notes)

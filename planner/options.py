@@ -1,0 +1,166 @@
+"""Training options: the enums and one frozen point of the search space.
+
+Options say *how* a step is run (precision, engine, ZeRO stage, offload, optimizer); the
+workload says *what* it processes. Enum order means something: ``ZeroStage.GRADIENTS >=
+ZeroStage.OPTIMIZER_STATES`` reads like the ZeRO paper (Rajbhandari et al., 2020).
+"""
+
+from __future__ import annotations
+
+from enum import Enum, IntEnum
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from planner.units import DType
+
+
+class Precision(str, Enum):
+    """What dtypes the step computes and stores in.
+
+    ``amp-*``: mixed precision. Under plain PyTorch the weights stay fp32 and autocast casts on
+    the fly; under DeepSpeed the module is cast to 16 bit and the optimizer keeps an fp32 master
+    copy. ``pure-bf16``: everything bf16, no master copy, bf16 optimizer states (LLaMA-Factory's
+    ``pure_bf16``; DeepSpeed's ``bf16_master_weights_and_grads`` + ``bf16_optimizer_states``).
+    """
+
+    FP32 = "fp32"
+    AMP_BF16 = "amp-bf16"
+    AMP_FP16 = "amp-fp16"
+    PURE_BF16 = "pure-bf16"
+
+    @property
+    def half_dtype(self) -> DType:
+        """The 16-bit dtype, or fp32 for fp32."""
+        return {Precision.FP32: DType.FP32, Precision.AMP_FP16: DType.FP16}.get(self, DType.BF16)
+
+
+class Engine(str, Enum):
+    """Who runs the step: plain PyTorch (HF Trainer without DeepSpeed; DDP on several GPUs) or
+    DeepSpeed."""
+
+    TORCH = "torch"
+    DEEPSPEED = "deepspeed"
+
+
+class ZeroStage(IntEnum):
+    """What ZeRO partitions across data-parallel ranks; each stage includes the ones before."""
+
+    DISABLED = 0
+    OPTIMIZER_STATES = 1
+    GRADIENTS = 2
+    PARAMETERS = 3
+
+
+class Offload(str, Enum):
+    """Where DeepSpeed offloads a state to."""
+
+    NONE = "none"
+    CPU = "cpu"
+    NVME = "nvme"
+
+
+class Optimizer(str, Enum):
+    """Optimizer as the user names it; ``ADAMW`` means the engine's default AdamW."""
+
+    ADAMW = "adamw"
+    ADAMW_FORLOOP = "adamw-forloop"
+    ADAMW_FOREACH = "adamw-foreach"
+    ADAMW_FUSED = "adamw-fused"
+    ADAMW_8BIT = "adamw-8bit"
+    ADAFACTOR = "adafactor"
+    SGD = "sgd"
+
+
+class OptimizerImpl(str, Enum):
+    """The implementation that actually runs, after the engine's defaults are applied."""
+
+    TORCH_ADAMW_FORLOOP = "torch.optim.AdamW(foreach=False)"
+    TORCH_ADAMW_FOREACH = "torch.optim.AdamW(foreach=True)"
+    TORCH_ADAMW_FUSED = "torch.optim.AdamW(fused=True)"
+    DS_FUSED_ADAM = "deepspeed.ops.adam.FusedAdam"
+    DS_CPU_ADAM = "deepspeed.ops.adam.DeepSpeedCPUAdam"
+    BNB_ADAMW_8BIT = "bitsandbytes.optim.AdamW8bit"
+    HF_ADAFACTOR = "transformers.optimization.Adafactor"
+    TORCH_SGD = "torch.optim.SGD(momentum>0)"
+
+
+class LoraOptions(BaseModel):
+    """LoRA adapters (peft): rank, targets and the groups they go into."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rank: int = Field(gt=0)
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Leaf module names of the linears to adapt, or ``("all-linear",)`` (peft's rule: every
+    linear except the output layer)."""
+    groups: tuple[str, ...] = ()
+    """Groups that get adapters; empty means every decoder (LLM) group."""
+
+
+class TrainingOptions(BaseModel):
+    """One point of the search space: how the step runs and what is trained.
+
+    Group selections name groups (``vpm``) or parts of a decoder group (``llm.embed_tokens``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    engine: Engine = Engine.DEEPSPEED
+    zero: ZeroStage = ZeroStage.DISABLED
+    offload_optimizer: Offload = Offload.NONE
+    offload_param: Offload = Offload.NONE
+    precision: Precision = Precision.AMP_BF16
+    optimizer: Optimizer = Optimizer.ADAMW
+    train: tuple[str, ...] | None = None
+    """Only these are trained (the rest frozen); None means everything not frozen."""
+    freeze: tuple[str, ...] = ()
+    without: tuple[str, ...] = ()
+    """Groups the training script never builds (MiniCPM-o's script leaves out apm and tts)."""
+    lora: LoraOptions | None = None
+    pin_memory: bool = True
+    """DeepSpeed's offload ``pin_memory``: offloaded states live in page-locked host memory."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingOptions:
+        if self.engine is Engine.TORCH:
+            if self.zero is not ZeroStage.DISABLED:
+                raise ValueError("ZeRO needs --engine deepspeed")
+            if self.offload_optimizer is not Offload.NONE or self.offload_param is not Offload.NONE:
+                raise ValueError("offload needs --engine deepspeed")
+        if self.offload_param is not Offload.NONE and self.zero is not ZeroStage.PARAMETERS:
+            raise ValueError("--offload-param needs --zero 3 (only ZeRO-3 partitions parameters)")
+        if self.offload_optimizer is not Offload.NONE and self.zero is ZeroStage.DISABLED:
+            raise ValueError("--offload-optimizer needs --zero 1, 2 or 3")
+        if self.offload_optimizer is Offload.NVME and self.zero is not ZeroStage.PARAMETERS:
+            raise ValueError("--offload-optimizer nvme needs --zero 3 (ZeRO-Infinity)")
+        if self.engine is Engine.DEEPSPEED and self.precision is Precision.PURE_BF16 and self.zero is ZeroStage.DISABLED:
+            raise ValueError("pure-bf16 under DeepSpeed needs ZeRO 1, 2 or 3 (bf16_master_weights_and_grads)")
+        if self.offload_optimizer is not Offload.NONE and self.optimizer not in (Optimizer.ADAMW,):
+            raise ValueError(
+                f"an offloaded optimizer runs DeepSpeedCPUAdam; --optimizer {self.optimizer.value} cannot be offloaded"
+            )
+        return self
+
+    @property
+    def optimizer_impl(self) -> OptimizerImpl:
+        """The optimizer implementation the engine ends up running.
+
+        HF Trainer's default optim is ``adamw_torch_fused`` with torch >= 2.8 (transformers
+        ``TrainingArguments.optim``); DeepSpeed's ``"AdamW"`` config block builds FusedAdam, or
+        DeepSpeedCPUAdam when the optimizer is offloaded (``engine._configure_basic_optimizer``).
+        """
+        opt = self.optimizer
+        if opt is Optimizer.ADAMW:
+            if self.engine is Engine.TORCH:
+                return OptimizerImpl.TORCH_ADAMW_FUSED
+            if self.offload_optimizer is not Offload.NONE:
+                return OptimizerImpl.DS_CPU_ADAM
+            return OptimizerImpl.DS_FUSED_ADAM
+        return {
+            Optimizer.ADAMW_FORLOOP: OptimizerImpl.TORCH_ADAMW_FORLOOP,
+            Optimizer.ADAMW_FOREACH: OptimizerImpl.TORCH_ADAMW_FOREACH,
+            Optimizer.ADAMW_FUSED: OptimizerImpl.TORCH_ADAMW_FUSED,
+            Optimizer.ADAMW_8BIT: OptimizerImpl.BNB_ADAMW_8BIT,
+            Optimizer.ADAFACTOR: OptimizerImpl.HF_ADAFACTOR,
+            Optimizer.SGD: OptimizerImpl.TORCH_SGD,
+        }[opt]

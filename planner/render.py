@@ -1,0 +1,169 @@
+"""Rendering: estimates and profiles as rich tables, bars and JSON. Only here do bytes become GiB.
+
+The edge of the flow, with `cli`. Nothing here computes memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console, Group as RichGroup
+from rich.table import Table
+from rich.text import Text
+
+from planner.estimate.result import Budget, Category, Estimate
+from planner.units import GIB, MIB
+
+# One colour per category, shared by table headers and bars.
+_COLORS = {
+    Category.WEIGHTS: "cyan",
+    Category.GRADIENTS: "magenta",
+    Category.MASTER_WEIGHTS: "yellow",
+    Category.OPTIMIZER_STATES: "green",
+}
+_LABELS = {
+    Category.WEIGHTS: "weights",
+    Category.GRADIENTS: "grads",
+    Category.MASTER_WEIGHTS: "master",
+    Category.OPTIMIZER_STATES: "optim",
+}
+
+
+def gib(nbytes: int) -> str:
+    """Bytes as GiB with two decimals (MiB below 1 GiB)."""
+    if abs(nbytes) < GIB and nbytes != 0:
+        return f"{nbytes / MIB:.1f} MiB"
+    return f"{nbytes / GIB:.2f} GiB"
+
+
+def count(n: int) -> str:
+    """A parameter count: 7.61B, 68.6M, 1,152."""
+    if n >= 10**9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 10**6:
+        return f"{n / 1e6:.1f}M"
+    return f"{n:,}"
+
+
+def _gib_cell(nbytes: int) -> str:
+    """A table cell in GiB (the unit is in the title): ``-`` for nothing, ``<0.01`` for crumbs."""
+    if nbytes == 0:
+        return "-"
+    if nbytes < GIB // 100:
+        return "<0.01"
+    return f"{nbytes / GIB:.2f}"
+
+
+def group_table(est: Estimate, title: str, place: str) -> Table:
+    """Layer groups x categories for one budget (``"gpu"``: the most loaded GPU; ``"host"``:
+    one node's RAM), in GiB."""
+    budget = est.per_gpu if place == "gpu" else est.host
+    table = Table(title=title, title_justify="left", show_footer=True, pad_edge=False)
+    table.add_column("group", footer="total")
+    table.add_column("params", justify="right", footer=count(sum(r.params for r in est.groups)))
+    table.add_column("trained", justify="right", footer=count(sum(r.trainable_params for r in est.groups)))
+    for c in Category:
+        table.add_column(_LABELS[c], justify="right", style=_COLORS[c], footer=_gib_cell(budget.by_category[c]))
+    table.add_column("total", justify="right", style="bold", footer=_gib_cell(budget.total_bytes))
+    for r in est.groups:
+        cells = r.gpu if place == "gpu" else r.host
+        table.add_row(
+            r.name,
+            count(r.params) if r.params else "",
+            count(r.trainable_params) if r.trainable_params else "-",
+            *(_gib_cell(cells[c]) for c in Category),
+            _gib_cell(sum(cells.values())),
+        )
+    return table
+
+
+def bar(label: str, budget: Budget, width: int = 50) -> Text:
+    """A stacked bar of each category's share of a budget's capacity, then the totals."""
+    text = Text(f"{label:<10}")
+    cap = max(budget.capacity_bytes, 1)
+    scale = max(cap, budget.total_bytes)
+    used = 0
+    for c in Category:
+        cells = round(budget.by_category[c] / scale * width)
+        text.append("█" * cells, style=_COLORS[c])
+        used += cells
+    cap_cell = round(cap / scale * width)
+    if used < cap_cell:
+        text.append("·" * (cap_cell - used), style="dim")
+    if budget.total_bytes > cap:
+        text.append("│", style="bold red")
+    pct = budget.total_bytes / cap * 100
+    style = "red" if budget.total_bytes > cap else "green"
+    text.append(f"  {gib(budget.total_bytes)} / {gib(budget.capacity_bytes)} ({pct:.0f}%)", style=style)
+    return text
+
+
+def legend() -> Text:
+    """Colour key of the bars."""
+    text = Text(" " * 10)
+    for c in Category:
+        text.append("█ ", style=_COLORS[c])
+        text.append(f"{c.value}  ")
+    return text
+
+
+def verdict(est: Estimate) -> Text:
+    """One line: fits or not, the binding budget and its margin."""
+    budget = est.per_gpu if est.binding == "gpu" else est.host
+    where = "per GPU" if est.binding == "gpu" else "host RAM per node"
+    if est.fits:
+        return Text(f"FITS: {where} is the binding budget, {gib(budget.free_bytes)} left "
+                    f"({budget.free_bytes / budget.capacity_bytes:.0%} of {gib(budget.capacity_bytes)}).", style="bold green")
+    over = [(name, b) for name, b in (("per GPU", est.per_gpu), ("host RAM per node", est.host)) if not b.fits]
+    parts = ", ".join(f"{name} needs {gib(b.total_bytes)} of {gib(b.capacity_bytes)} ({gib(-b.free_bytes)} over)" for name, b in over)
+    return Text(f"DOES NOT FIT: {parts}; binding: {where}.", style="bold red")
+
+
+def estimate_view(est: Estimate, title: str) -> RichGroup:
+    """The whole `memplan estimate` screen."""
+    parts: list[Any] = [Text(title, style="bold"), group_table(est, "per GPU (most loaded rank), GiB", "gpu")]
+    if est.host.total_bytes:
+        parts.append(group_table(est, "host RAM per node (all its ranks), GiB", "host"))
+    parts += [Text(""), bar("per GPU", est.per_gpu), bar("host", est.host), legend()]
+    if est.nvme_bytes:
+        parts.append(Text(f"NVMe per node: {gib(est.nvme_bytes)}"))
+    for note in est.notes:
+        parts.append(Text(f"note: {note}", style="dim"))
+    parts += [Text(""), verdict(est)]
+    return RichGroup(*parts)
+
+
+def _budget_json(b: Budget) -> dict[str, Any]:
+    return {
+        "total_bytes": b.total_bytes,
+        "capacity_bytes": b.capacity_bytes,
+        "by_category": {c.value: v for c, v in b.by_category.items()},
+    }
+
+
+def estimate_json(est: Estimate, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``--json`` document of an estimate (keys documented in docs/cli.md)."""
+    doc: dict[str, Any] = dict(extra or {})
+    doc.update(
+        per_gpu=_budget_json(est.per_gpu),
+        host=_budget_json(est.host) | {"nvme_bytes": est.nvme_bytes},
+        groups=[
+            {
+                "name": r.name,
+                "params": r.params,
+                "trainable_params": r.trainable_params,
+                "by_category": {c.value: v for c, v in r.gpu.items()},
+                "host_by_category": {c.value: v for c, v in r.host.items()},
+            }
+            for r in est.groups
+        ],
+        fits=est.fits,
+        binding=est.binding,
+        notes=list(est.notes),
+    )
+    return doc
+
+
+def console() -> Console:
+    """The console all commands print to."""
+    return Console(highlight=False)

@@ -1,0 +1,83 @@
+"""Units: element sizes of dtypes and parsing of human sizes ("24GiB"). Nothing else.
+
+The estimator works in bytes and element counts throughout; only `render` turns bytes into GiB.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+KIB = 1024
+MIB = 1024**2
+GIB = 1024**3
+TIB = 1024**4
+
+
+class DType(str, Enum):
+    """Storage dtypes the ledger distinguishes."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element."""
+        return _ITEMSIZE[self]
+
+
+_ITEMSIZE = {DType.FP32: 4, DType.BF16: 2, DType.FP16: 2, DType.INT8: 1}
+
+# Binary (IEC) and decimal (SI) suffixes. "GB" means 10^9 bytes, as on a spec sheet; "GiB" 2^30.
+_SUFFIXES = {
+    "": 1,
+    "b": 1,
+    "k": KIB,
+    "kib": KIB,
+    "kb": 10**3,
+    "m": MIB,
+    "mib": MIB,
+    "mb": 10**6,
+    "g": GIB,
+    "gib": GIB,
+    "gb": 10**9,
+    "t": TIB,
+    "tib": TIB,
+    "tb": 10**12,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e([0-9]+))?\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a size such as ``24GiB``, ``24GB``, ``24576MiB``, ``1.5T`` or ``1e9`` into bytes.
+
+    A bare letter (``24G``) is binary, like ``free -h``. Raises ``ValueError`` with a message
+    fit to show a user when the text is not a non-negative size.
+    """
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"size must not be negative: {text}")
+        return text
+    match = _SIZE_RE.match(text)
+    if not match:
+        if text.strip().startswith("-"):
+            raise ValueError(f"size must not be negative: {text!r}")
+        raise ValueError(f"not a size: {text!r} (expected e.g. 24GiB, 24GB, 24576MiB)")
+    number, exponent, suffix = match.groups()
+    unit = _SUFFIXES.get(suffix.lower())
+    if unit is None:
+        raise ValueError(f"unknown size unit {suffix!r} in {text!r} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
+    value = float(number) * (10 ** int(exponent) if exponent else 1) * unit
+    return int(round(value))
+
+
+def ceil_div(a: int, b: int) -> int:
+    """Integer ceiling of a / b for non-negative a and positive b."""
+    return -(-a // b)
+
+
+def round_up(a: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= a."""
+    return ceil_div(a, multiple) * multiple

@@ -1,0 +1,147 @@
+"""Workload: what one training step processes and which parameters it trains.
+
+Second stage of the flow. ``trainable_inventory`` applies the options' group selections and
+LoRA to a model and returns every parameter tensor the run holds, each marked trained or frozen,
+with LoRA's A/B matrices and peft's ``modules_to_save`` copies added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from planner.architectures import Part, ProfileError, TensorKind, TensorSpec
+from planner.options import LoraOptions, TrainingOptions
+from planner.profile import ModelSpec, close_matches
+
+
+class Workload(BaseModel):
+    """Samples and tokens of one micro-step on one GPU, and accumulation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    micro_batch: int = Field(default=1, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    seq_len: int = Field(default=1024, gt=0)
+
+
+class Origin:
+    """Why a tensor exists in the run."""
+
+    BASE = "base"  # the model's own parameter
+    LORA = "lora"  # a LoRA A or B matrix
+    COPY = "copy"  # peft modules_to_save: a trained copy beside the frozen original
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One parameter tensor of the run, with where it sits and whether it is trained."""
+
+    group: str
+    tensor: TensorSpec
+    trainable: bool
+    origin: str = Origin.BASE
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return self.tensor.numel
+
+
+def _parse_selection(names: Iterable[str], model: ModelSpec, flag: str) -> set[tuple[str, Part | None]]:
+    """``llm`` -> (llm, None) meaning the whole group; ``llm.embed_tokens`` -> (llm, EMBED_TOKENS)."""
+    out: set[tuple[str, Part | None]] = set()
+    known = {g.name: g for g in model.groups}
+    choices = list(known) + [f"{g.name}.{p.value}" for g in model.groups if g.kind == "decoder" for p in g.parts]
+    for raw in names:
+        name = raw.strip()
+        if not name:
+            continue
+        group_name, _, part_name = name.partition(".")
+        group = known.get(group_name)
+        if group is None:
+            raise ProfileError(f"{flag}: model {model.name!r} has no group {name!r}; {close_matches(name, choices)}")
+        if not part_name:
+            out.add((group_name, None))
+            continue
+        try:
+            part = Part(part_name)
+        except ValueError:
+            part = None
+        if part is None or (part not in group.parts and not (part is Part.LM_HEAD and group.tied_lm_head)):
+            raise ProfileError(f"{flag}: group {group_name!r} has no part {part_name!r}; {close_matches(name, choices)}")
+        out.add((group_name, part))
+    return out
+
+
+def _selected(sel: set[tuple[str, Part | None]], group: str, part: Part) -> bool:
+    return (group, None) in sel or (group, part) in sel
+
+
+def _lora_matches(t: TensorSpec, lora: LoraOptions) -> bool:
+    if t.kind is not TensorKind.LINEAR:
+        return False
+    if "all-linear" in lora.targets:  # peft: every linear but the output layer
+        return t.part is not Part.LM_HEAD
+    return t.module in lora.targets
+
+
+def trainable_inventory(model: ModelSpec, options: TrainingOptions) -> list[Param]:
+    """Every parameter tensor the run holds, marked trained or frozen.
+
+    Rules (one per flag, applied in this order):
+      * ``without``: those groups are never built; they hold nothing.
+      * ``train``: when given, only those groups/parts train; otherwise all do (no LoRA) or none
+        do (LoRA: peft freezes the base model).
+      * ``freeze``: those groups/parts are frozen.
+      * LoRA: the LoRA groups' base weights are frozen and every targeted linear gets A (r x in)
+        and B (out x r), trained. Under peft every other trained part becomes a
+        ``modules_to_save`` entry: the original stays, frozen, and a trained copy is added.
+
+    Raises:
+        ProfileError: a selection names a group or part the model does not have, or LoRA finds
+            no linear to adapt.
+    """
+    without = {g for g, _ in _parse_selection(options.without, model, "--without")}
+    train = _parse_selection(options.train, model, "--train") if options.train is not None else None
+    freeze = _parse_selection(options.freeze, model, "--freeze")
+    lora = options.lora
+    lora_groups: set[str] = set()
+    if lora is not None:
+        lora_groups = set(lora.groups) or {g.name for g in model.groups if g.kind == "decoder"}
+        unknown = lora_groups - {g.name for g in model.groups}
+        if unknown:
+            raise ProfileError(f"--lora-groups: no group {sorted(unknown)[0]!r}; {close_matches(sorted(unknown)[0], [g.name for g in model.groups])}")
+        lora_groups -= without
+
+    params: list[Param] = []
+    adapters = 0
+    for group in model.groups:
+        if group.name in without:
+            continue
+        for t in group.tensors:
+            if train is None:
+                full = lora is None
+            else:
+                full = _selected(train, group.name, t.part)
+            if _selected(freeze, group.name, t.part) or not t.requires_grad:
+                full = False
+            if lora is None:
+                params.append(Param(group.name, t, full))
+                continue
+            params.append(Param(group.name, t, False))
+            if full:
+                params.append(Param(group.name, t, True, Origin.COPY))
+            if group.name in lora_groups and _lora_matches(t, lora):
+                out_f, in_f = t.shape
+                stem = t.name.removesuffix(".weight")
+                params.append(Param(group.name, TensorSpec(f"{stem}.lora_A.weight", (lora.rank, in_f), TensorKind.LINEAR, t.part), True, Origin.LORA))
+                params.append(Param(group.name, TensorSpec(f"{stem}.lora_B.weight", (out_f, lora.rank), TensorKind.LINEAR, t.part), True, Origin.LORA))
+                adapters += 1
+    if lora is not None and adapters == 0:
+        raise ProfileError(
+            f"--lora-targets {','.join(lora.targets)} matches no linear layer in {', '.join(sorted(lora_groups)) or 'any group'}"
+        )
+    return params
