@@ -85,8 +85,9 @@ def model_from_config(path: str | Path) -> ModelSpec:
     transformers.logging.set_verbosity_error()
     try:
         config = transformers.AutoConfig.for_model(**raw)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ProfileError(f"{cfg_path}: transformers cannot read it: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # transformers and huggingface_hub raise many kinds for a bad field
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ProfileError(f"{cfg_path}: transformers cannot read it: {first}") from None
     model = None
     errors = []
     for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText, transformers.AutoModel):

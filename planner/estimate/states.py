@@ -21,6 +21,7 @@ ADAM_STATES_PER_PARAM = 2  # exp_avg, exp_avg_sq
 TORCH_STEP_BYTES = 4  # torch.optim.AdamW keeps state["step"] as a float32 0-d tensor per parameter
 BNB_BLOCK_SIZE = 256  # bitsandbytes blockwise 8-bit state: one fp32 absmax per 256 elements
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes Optimizer8bit(min_8bit_size=4096): smaller tensors keep fp32 states
+ADAFACTOR_RMS_BYTES = 4  # transformers Adafactor: state["RMS"], a float32 0-d tensor per parameter
 ZERO12_ALIGNMENT = 2  # stage_1_and_2.py: nccl_start_alignment_factor = 2 (4-byte alignment of 16-bit)
 DEFAULT_PERSISTENCE_THRESHOLD = 100_000  # stage3.py: param_persistence_threshold default (elements)
 
@@ -81,12 +82,14 @@ def optimizer_state_bytes(shape: Sequence[int], impl: OptimizerImpl, dtype: DTyp
         return ADAM_STATES_PER_PARAM * (n * DType.INT8.itemsize + ceil_div(n, BNB_BLOCK_SIZE) * DType.FP32.itemsize)
     if impl is OptimizerImpl.HF_ADAFACTOR:
         # transformers Adafactor(beta1=None): factored second moment for >= 2-D tensors:
-        # exp_avg_sq_row = shape[:-1], exp_avg_sq_col = shape[:-2] + shape[-1:].
+        # exp_avg_sq_row = shape[:-1], exp_avg_sq_col = shape[:-2] + shape[-1:]. Always fp32: it
+        # upcasts 16-bit grads first and builds the states .to(grad) (optimization.py, step()).
+        f32 = DType.FP32.itemsize
         if len(shape) >= 2:
             rows = n // shape[-1]
             cols = (n // (shape[-1] * shape[-2])) * shape[-1]
-            return (rows + cols) * dtype.itemsize
-        return n * dtype.itemsize
+            return (rows + cols) * f32 + ADAFACTOR_RMS_BYTES
+        return n * f32 + ADAFACTOR_RMS_BYTES
     if impl is OptimizerImpl.TORCH_SGD:
         return n * dtype.itemsize  # momentum_buffer
     raise ValueError(f"no state rule for {impl}")

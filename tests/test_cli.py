@@ -1,0 +1,116 @@
+"""The command line through click's runner: the reference case, JSON keys, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from planner.cli import main
+
+TINY_QWEN = {"model_type": "qwen2", "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "tie_word_embeddings": True, "architectures": ["Qwen2ForCausalLM"]}
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_reference_case_is_host_bound():
+    """MiniCPM-o 2.6 as finetune.py builds it (llm + vpm + resampler), vpm frozen, ZeRO-3 with both
+    offloads, amp-bf16, on 2x3090 with a 64 GiB host.
+
+    Per node (2 ranks, each with half of every tensor; all numels here are even):
+      16-bit params on the host: 8,099,418,864 x 2 B            = 16,198,837,728
+      fp32 master + fp32 grads + Adam m, v for the trained
+      7,613,007,360 + 68,619,264 = 7,681,626,624 params x 16 B  = 122,906,025,984
+      total                                                     = 139,104,863,712 (129.55 GiB)
+    """
+    result = run("estimate", "--gpus", "2x3090", "--host-ram", "64GiB", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["host"]["total_bytes"] == 139_104_863_712
+    assert doc["host"]["capacity_bytes"] == 64 * 2**30
+    assert doc["fits"] is False and doc["binding"] == "host"
+    assert [g["name"] for g in doc["groups"]] == ["llm", "vpm", "resampler"]
+    assert doc["groups"][1]["trainable_params"] == 0
+    assert set(doc["per_gpu"]) >= {"total_bytes", "capacity_bytes", "by_category"}
+    assert set(doc["per_gpu"]["by_category"]) >= {"weights", "gradients", "master_weights", "optimizer_states"}
+    big = run("estimate", "--gpus", "2x3090", "--host-ram", "256GiB", "--json")
+    assert json.loads(big.output)["fits"] is True
+
+
+def test_table_output_names_the_binding_budget():
+    result = run("estimate", "--gpus", "2x3090", "--host-ram", "64GiB")
+    assert result.exit_code == 0
+    assert "DOES NOT FIT" in result.output and "binding: host RAM" in result.output
+
+
+def test_model_from_config_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(TINY_QWEN))
+    result = run("estimate", "--model", str(tmp_path), "--gpus", "1x4090", "--host-ram", "8GiB",
+                 "--engine", "torch", "--precision", "pure-bf16", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    (llm,) = doc["groups"]
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        real = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**TINY_QWEN))
+    n = sum(p.numel() for p in real.parameters())
+    assert llm["params"] == llm["trainable_params"] == n
+    # pure bf16 under plain PyTorch: bf16 weights and grads, fused AdamW's two bf16 states + fp32 step
+    steps = len(list(real.parameters()))
+    assert doc["per_gpu"]["total_bytes"] == n * (2 + 2 + 4) + 4 * steps
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gpus", "2x3099"], "unknown GPU '3099'; did you mean 3090"),
+    (["--gpus", "2x"], "malformed"),
+    (["--gpus", "2x8x4xh100"], "malformed"),
+    (["--gpus", "2x(3090)"], "malformed"),
+    (["--gpus", "0x3090"], "at least 1"),
+    (["--model", "qwen2.5-7"], "did you mean"),
+    (["--host-ram", "-5GiB"], "must not be negative"),
+    (["--host-ram", "lots"], "not a size"),
+    (["--zero", "2", "--offload-param", "cpu"], "needs --zero 3"),
+    (["--engine", "torch", "--zero", "2", "--offload-optimizer", "none", "--offload-param", "none"], "ZeRO needs"),
+    (["--lora-targets", "q_proj"], "need --lora-rank"),
+    (["--freeze", "vision"], "has no group 'vision'"),
+])
+def test_bad_input_is_one_line_exit_2(args, message):
+    result = CliRunner().invoke(main, ["estimate", "--host-ram", "64GiB", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_broken_config_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    result = CliRunner().invoke(main, ["estimate", "--model", str(tmp_path), "--gpus", "2x3090", "--host-ram", "8GiB"])
+    assert result.exit_code == 2 and "not valid JSON" in result.output
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 3}))
+    result = CliRunner().invoke(main, ["estimate", "--model", str(tmp_path), "--gpus", "2x3090", "--host-ram", "8GiB"])
+    assert result.exit_code == 2 and "no \"model_type\"" in result.output
+    for broken in ({"model_type": "no-such-architecture"}, {"model_type": "qwen2", "num_hidden_layers": "many"}):
+        (tmp_path / "config.json").write_text(json.dumps(broken))
+        result = CliRunner().invoke(main, ["estimate", "--model", str(tmp_path), "--gpus", "2x3090", "--host-ram", "8GiB"])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("memplan: error:") and result.output.count("\n") == 1
+
+
+def test_profiles_list_and_validate(tmp_path):
+    result = run("profiles")
+    assert result.exit_code == 0
+    assert "minicpm-o-2.6" in result.output and "rtx3090" in result.output
+    result = run("profiles", "validate")
+    assert result.exit_code == 0 and result.output.count("ok ") >= 8
+    bad = tmp_path / "mine.toml"
+    bad.write_text('[[models]]\nname = "m"\nsource = "s"\nexpected_params = 5\n[[models.groups]]\nname = "g"\n'
+                   'kind = "mlp_projector"\n[models.groups.config]\nin_dim = 2\nhidden_dim = 2\nout_dim = 2\n')
+    result = CliRunner().invoke(main, ["profiles", "validate", str(bad)])
+    assert result.exit_code == 2 and "add up to 12 parameters but expected_params says 5" in result.output
