@@ -172,7 +172,9 @@ def measure(model_config: dict,
             seed: int = 1234,
             zero_init: bool | None = None,
             param_groups: str = "single",
-            threads_per_rank: int = 1) -> list[dict]:
+            threads_per_rank: int = 1,
+            allow_fp16_on_cpu: bool = False,
+            client_optimizer: str | None = None) -> list[dict]:
     """Runs a real DeepSpeed engine on ``world_size`` CPU ranks and takes a tensor census.
 
     Builds a tiny ``transformers`` model from ``model_config`` (passed to
@@ -207,6 +209,18 @@ def measure(model_config: dict,
             grouping of ``Trainer.create_optimizer``; each group is flattened and padded
             separately.
         threads_per_rank: ``torch.set_num_threads`` in each worker.
+        allow_fp16_on_cpu: DeepSpeed refuses ``fp16.enabled`` on a CPU without AVX512-FP16/AMX
+            (``engine.py:L2004``, ``cpu_accelerator.py:L228`` asks
+            ``torch.ops.mkldnn._is_mkldnn_fp16_supported()``). When True, the worker
+            overrides ``get_accelerator().is_fp16_supported`` to return True so the fp16
+            code paths (FP16_Optimizer, ZeRO with loss scaling) run; torch computes fp16 on
+            the CPU without that hardware, just slowly. Only that one check is bypassed.
+        client_optimizer: ``None``: the optimizer comes from ``ds_config["optimizer"]`` (HF
+            Trainer passes a ``DummyOptim`` then). ``"torch_adamw"``: build
+            ``torch.optim.AdamW(model_parameters, lr=1e-3)`` and pass it as
+            ``deepspeed.initialize(optimizer=...)``, the path HF Trainer takes when the
+            config has no ``optimizer`` section (``transformers/integrations/deepspeed.py:L574-L585``,
+            which also sets ``zero_allow_untested_optimizer``; do that in ``ds_config``).
 
     Returns:
         One dict per rank, ordered by rank, with keys ``rank``, ``flags``, ``params``
@@ -226,6 +240,8 @@ def measure(model_config: dict,
     if autos:
         raise ValueError(f"ds_config still has 'auto' values at {autos}; fill them first "
                          "(see apply_hf_auto_values).")
+    if client_optimizer not in (None, "torch_adamw"):
+        raise ValueError(f"client_optimizer must be None or 'torch_adamw', got {client_optimizer!r}")
     if param_groups not in ("single", "decay_split"):
         raise ValueError(f"param_groups must be 'single' or 'decay_split', got {param_groups!r}")
 
@@ -243,6 +259,8 @@ def measure(model_config: dict,
             "zero_init": zero_init,
             "param_groups": param_groups,
             "threads_per_rank": int(threads_per_rank),
+            "allow_fp16_on_cpu": bool(allow_fp16_on_cpu),
+            "client_optimizer": client_optimizer,
         }
         spec_path = tmpdir / "spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -385,19 +403,29 @@ class _Census:
             out[dtype] += cur_e - cur_s
         return {dtype: nbytes for dtype, nbytes in out.items()}, esizes
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, home_of: Any = None) -> dict[str, Any]:
         """Returns ``{category: {numel, bytes, storage_bytes, by_dtype, structures}}``.
 
         ``numel``/``bytes`` count the elements the tensors reference (union of ranges);
         ``storage_bytes`` counts the whole storages they keep alive (a view into a larger
         buffer keeps all of it alive), which is what a memory planner must budget.
+        ``home_of(category, structure)``, if given, labels each structure with where it
+        would live on a GPU machine; ``by_home`` then splits ``storage_bytes`` by that label
+        (each storage counted once, under the first structure that references it).
         """
         result: dict[str, Any] = {}
         for category in _CATEGORIES:
             structures: dict[str, Any] = {}
             all_entries: list[tuple] = []
+            by_home: dict[str, int] = defaultdict(int)
+            counted: set[int] = set()
             for name, entries in sorted(self.items[category].items()):
                 all_entries += entries
+                home = home_of(category, name) if home_of is not None else "unknown"
+                for key, nbytes in {e[0]: e[6] for e in entries}.items():
+                    if key not in counted:
+                        counted.add(key)
+                        by_home[home] += nbytes
                 per_dtype, esizes = self._union(entries)
                 nbytes = sum(per_dtype.values())
                 numel = sum(b // esizes[d] for d, b in per_dtype.items())
@@ -409,6 +437,7 @@ class _Census:
                     "tensors": len(entries),
                     "device": ",".join(sorted({e[5] for e in entries})),
                 }
+                info["home"] = home
                 info.update(self.meta[category].get(name, {}))
                 structures[name] = info
             per_dtype, esizes = self._union(all_entries) if all_entries else ({}, {})
@@ -416,6 +445,7 @@ class _Census:
                 "numel": sum(b // esizes[d] for d, b in per_dtype.items()),
                 "bytes": sum(per_dtype.values()),
                 "storage_bytes": sum({e[0]: e[6] for e in all_entries}.values()),
+                "by_home": dict(sorted(by_home.items())),
                 "by_dtype": {
                     d: {
                         "numel": b // esizes[d],
@@ -496,8 +526,8 @@ def _walk(obj: Any, path: str, depth: int, seen: set[int], skip: set[int]) -> It
     if isinstance(obj, dict):
         seen.add(id(obj))
         for key, item in obj.items():
-            # Integer keys are parameter ids / indices: collapse them in structure names.
-            label = "{*}" if isinstance(key, int) else f"[{key}]"
+            # Parameter ids / tensors as keys are collapsed; names and dtypes are kept.
+            label = f"[{key}]" if isinstance(key, (str, torch.dtype)) else "{*}"
             yield from _walk(item, f"{path}{label}", depth + 1, seen, skip)
         return
     cls = type(obj).__name__
@@ -542,10 +572,9 @@ def _take_census(engine: Any, module_param_ids: set[int], frozen_names: set[str]
         frozen = name in frozen_names or not param.requires_grad
         kind = "frozen" if frozen else "trainable"
         if zero3 and hasattr(param, "ds_tensor"):
-            ds_tensor = param.ds_tensor
-            census.add("weights", f"param.ds_tensor({kind})", ds_tensor)
+            persist = "persistent" if getattr(param, "ds_persist", False) else "non-persistent"
+            census.add("weights", f"param.ds_tensor({kind},{persist})", param.ds_tensor)
             if param.data.numel() > 0:
-                persist = "persistent" if getattr(param, "ds_persist", False) else "non-persistent"
                 census.add("weights", f"param.data gathered({kind},{persist})", param.data)
         else:
             census.add("weights", f"param.data({kind})", param.data)
@@ -555,8 +584,9 @@ def _take_census(engine: Any, module_param_ids: set[int], frozen_names: set[str]
     # 2. Tensors held by the optimizer wrapper.
     if opt is not None:
         seen: set[int] = set()
+        plain = isinstance(opt, torch.optim.Optimizer)  # no wrapper (fp32 at stage 0)
         for attr, value in vars(opt).items():
-            if attr in _SKIP_ATTRS:
+            if attr in _SKIP_ATTRS or (plain and attr in ("state", "param_groups", "defaults")):
                 continue
             display = attr.replace(f"_{type(opt).__name__}__", "__")  # undo name mangling
             for path, tensor in _walk(value, display, 0, seen, module_param_ids):
@@ -582,7 +612,51 @@ def _take_census(engine: Any, module_param_ids: set[int], frozen_names: set[str]
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
                     census.add("optimizer_states", f"state[{key}]", value)
-    return census.summary()
+    return census.summary(lambda category, name: _home(engine, category, name))
+
+
+def _home(engine: Any, category: str, structure: str) -> str:
+    """Where ``structure`` lives on a GPU machine: ``accelerator``, ``host`` or ``host(pinned)``.
+
+    On the CPU accelerator every tensor is on ``cpu`` and pinning is a no-op, so this is
+    derived from DeepSpeed's own flags and the code path that allocates each structure
+    (file:line references in docs/zero-internals.md, section "Where buffers live").
+    """
+    opt = engine.optimizer
+    zc = engine._config.zero_config
+    stage = engine.zero_optimization_stage()
+    off_opt = zc.offload_optimizer is not None and str(zc.offload_optimizer.device) != "none" and \
+        "none" not in str(zc.offload_optimizer.device)
+    off_pin = bool(zc.offload_optimizer.pin_memory) if off_opt else False
+    off_param = zc.offload_param is not None and "none" not in str(zc.offload_param.device)
+    param_pin = bool(zc.offload_param.pin_memory) if off_param else False
+
+    def host(pinned: bool) -> str:
+        return "host(pinned)" if pinned else "host"
+
+    if stage in (1, 2) and getattr(opt, "cpu_offload", False):
+        if structure.startswith(("single_partition_of_fp32_groups", "offload_gradient_dict", "accumulated_grads_in_cpu",
+                                 "param_buffer_of_bit16_for_cpu_offload_groups", "temp_grad_buffer_for_cpu_offload")):
+            return host(off_pin)
+        if category == "optimizer_states":
+            return host(False)
+        return "accelerator"
+    if stage == 3:
+        if structure.startswith("param_groups_fp16_flat_cpu_memory"):
+            return host(True)
+        if structure.startswith("fp16_partitioned_groups") or structure.startswith("param.ds_tensor(trainable"):
+            return host(True) if off_param else "accelerator"
+        if structure.startswith("param.ds_tensor(frozen,non-persistent"):
+            return host(param_pin) if off_param else "accelerator"
+        if off_opt:
+            if structure.startswith("fp32_partitioned_groups_flat"):
+                return host(off_pin) if structure.endswith(".grad") else host(False)
+            if structure.startswith(("grad_partitions_flat_buffer", "__param_id_to_grad_partition")):
+                return host(off_pin)
+            if category == "optimizer_states":
+                return host(False)
+        return "accelerator"
+    return "accelerator"
 
 
 def _param_facts(engine: Any, frozen_names: set[str]) -> list[dict[str, Any]]:
@@ -697,6 +771,8 @@ def _flags(engine: Any, world_size: int) -> dict[str, Any]:
         "overlap_comm": bool(zc.overlap_comm) if zc.overlap_comm is not None else None,
         "reduce_bucket_size": int(zc.reduce_bucket_size),
         "zero_force_ds_cpu_optimizer": bool(engine.zero_force_ds_cpu_optimizer()),
+        "global_steps": int(engine.global_steps),
+        "skipped_steps": int(engine.skipped_steps),
         "torch": torch.__version__,
     }
     import deepspeed
@@ -736,16 +812,21 @@ def _decay_split(model: Any, params: list[Any]) -> list[dict[str, Any]]:
     return [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
-def _wrap_epilogue(engine: Any, callback: Any) -> None:
-    """Calls ``callback()`` right before the ZeRO gradient epilogue of every backward.
+def _wrap_method(obj: Any, name: str, callback: Any) -> None:
+    """Makes ``obj.name(...)`` call ``callback()`` first (no-op if ``obj`` lacks ``name``).
 
-    ``independent_gradient_partition_epilogue`` (``stage_1_and_2.py:L1016``,
-    ``stage3.py:L1407``) reduces the last IPG bucket and then releases the transient
-    gradient buffers (IPG buckets, ZeRO-2 ``grads_in_partition``), so a census taken just
-    before it sees the backward-time peak of those buffers. No-op for wrappers without it.
+    Used for two census points inside ``engine.backward``:
+
+    * ``DeepSpeedEngine._backward_epilogue`` (``engine.py:L3153``) runs after autograd has
+      produced every gradient and before the engine's own reduction
+      (``allreduce_gradients``, ``engine.py:L3165``): the end-of-backward state, e.g. ZeRO-1
+      and stage 0 still hold every full 16-bit gradient here.
+    * ``independent_gradient_partition_epilogue`` of ZeRO-1/2 (``stage_1_and_2.py:L1016``)
+      and ZeRO-3 (``stage3.py:L1407``) reduces the last IPG bucket and then releases the
+      transient gradient buffers (IPG buckets, ZeRO-2 ``grads_in_partition``), so a census
+      just before it sees those buffers at their backward-time size.
     """
-    opt = engine.optimizer
-    original = getattr(opt, "independent_gradient_partition_epilogue", None)
+    original = getattr(obj, name, None) if obj is not None else None
     if original is None:
         return
 
@@ -753,7 +834,30 @@ def _wrap_epilogue(engine: Any, callback: Any) -> None:
         callback()
         return original(*args, **kwargs)
 
-    opt.independent_gradient_partition_epilogue = wrapped
+    setattr(obj, name, wrapped)
+
+
+def _wrap_base_step(engine: Any, callback: Any) -> None:
+    """Calls ``callback()`` right before the base optimizer's ``step`` (once per label).
+
+    By then the wrapper has built the gradient the base optimizer consumes (e.g. the fp32
+    partition gradient ``single_partition_of_fp32_groups[i].grad`` of ZeRO-1/2,
+    ``stage_1_and_2.py:L3116-L3134``, or ``fp32_partitioned_groups_flat[i].grad`` of ZeRO-3,
+    ``stage3.py:L2683-L2695``), which is freed again right after the step.
+    """
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", None)
+    if base is None or not hasattr(base, "step"):
+        base = opt
+    if base is None:
+        return
+    original = base.step
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        callback()
+        return original(*args, **kwargs)
+
+    base.step = wrapped
 
 
 def _worker(spec_path: str, out_dir: str) -> None:
@@ -778,6 +882,10 @@ def _worker(spec_path: str, out_dir: str) -> None:
     transformers.logging.set_verbosity_error()
     timings["import_s"] = time.monotonic() - t0
 
+    if spec.get("allow_fp16_on_cpu"):
+        from deepspeed.accelerator import get_accelerator
+        accelerator = get_accelerator()
+        accelerator.is_fp16_supported = lambda: True  # see measure(allow_fp16_on_cpu=...)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     ds_config = spec["ds_config"]
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
@@ -791,7 +899,16 @@ def _worker(spec_path: str, out_dir: str) -> None:
     import torch._dynamo  # noqa: F401
     t1 = time.monotonic()
     if zero_init:
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        # What PreTrainedModel._from_config does under ZeRO-3 (transformers/modeling_utils.py:L1435-L1449);
+        # HfDeepSpeedConfig itself cannot be used without `accelerate`.
+        from contextlib import ExitStack
+        with ExitStack() as stack:
+            try:
+                from transformers.integrations.deepspeed import prevent_arange_dtype_change
+                stack.enter_context(prevent_arange_dtype_change())
+            except ImportError:  # pragma: no cover - older transformers
+                pass
+            stack.enter_context(deepspeed.zero.Init(config_dict_or_path=ds_config))
             model = transformers.AutoModelForCausalLM.from_config(config)
     else:
         model = transformers.AutoModelForCausalLM.from_config(config)
@@ -812,14 +929,25 @@ def _worker(spec_path: str, out_dir: str) -> None:
     model_parameters: Any = trainable if spec["param_groups"] == "single" else _decay_split(model, trainable)
 
     t2 = time.monotonic()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model_parameters, config=ds_config)
+    if spec.get("client_optimizer") == "torch_adamw":
+        client = torch.optim.AdamW(model_parameters, lr=1e-3)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=ds_config)
+    else:
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model_parameters, config=ds_config)
     timings["initialize_s"] = time.monotonic() - t2
 
     module_param_ids = {id(p) for p in engine.module.parameters()}
     phases: dict[str, Any] = {"after_init": _take_census(engine, module_param_ids, frozen_names)}
-    capture = {"label": None}
-    _wrap_epilogue(engine, lambda: capture["label"] and phases.setdefault(
-        capture["label"], _take_census(engine, module_param_ids, frozen_names)))
+    capture: dict[str, str | None] = {"backward_end": None, "epilogue": None, "step": None}
+
+    def snapshot(key: str) -> None:
+        label = capture[key]
+        if label is not None and label not in phases:
+            phases[label] = _take_census(engine, module_param_ids, frozen_names)
+
+    _wrap_method(engine, "_backward_epilogue", lambda: snapshot("backward_end"))
+    _wrap_method(engine.optimizer, "independent_gradient_partition_epilogue", lambda: snapshot("epilogue"))
+    _wrap_base_step(engine, lambda: snapshot("step"))
 
     gas = int(engine.gradient_accumulation_steps())
     micro = int(engine.train_micro_batch_size_per_gpu())
@@ -831,12 +959,15 @@ def _worker(spec_path: str, out_dir: str) -> None:
         for m in range(gas):
             ids = torch.randint(0, vocab, (micro, spec["seq_len"]), generator=gen)
             out = engine(input_ids=ids, labels=ids)
-            capture["label"] = f"before_epilogue[{m}]" if last else None
+            capture["epilogue"] = f"before_epilogue[{m}]" if last else None
+            capture["backward_end"] = f"end_of_backward[{m}]" if last else None
             engine.backward(out.loss)
-            capture["label"] = None
+            capture["epilogue"] = capture["backward_end"] = None
             if last:
                 phases[f"after_backward[{m}]"] = _take_census(engine, module_param_ids, frozen_names)
+            capture["step"] = f"during_step[{m}]" if last else None
             engine.step()
+            capture["step"] = None
             if last:
                 phases[f"after_step[{m}]"] = _take_census(engine, module_param_ids, frozen_names)
     timings["train_s"] = time.monotonic() - t3
@@ -853,8 +984,10 @@ def _worker(spec_path: str, out_dir: str) -> None:
         "master_weights": final["master_weights"],
         "optimizer_states": final["optimizer_states"],
         "gradients": {
+            "end_of_backward": phases.get(f"end_of_backward[{last_m}]", {}).get("gradients"),
             "before_epilogue": phases.get(f"before_epilogue[{last_m}]", {}).get("gradients"),
             "after_backward": grads_bwd,
+            "during_step": phases.get(f"during_step[{last_m}]", {}).get("gradients"),
             "after_step": final["gradients"],
             "persist_after_step": sorted(k for k, v in final["gradients"]["structures"].items() if v["bytes"] > 0),
         },
@@ -882,16 +1015,18 @@ def _summarize(results: Sequence[dict]) -> str:
                      f"base={f['base_optimizer']} offload_opt={f['offload_optimizer']} offload_param={f['offload_param']}")
         for cat, blob in (("weights", res["weights"]), ("master_weights", res["master_weights"]),
                           ("optimizer_states", res["optimizer_states"]),
+                          ("gradients(end_of_backward)", res["gradients"]["end_of_backward"]),
                           ("gradients(before_epilogue)", res["gradients"]["before_epilogue"]),
                           ("gradients(after_backward)", res["gradients"]["after_backward"]),
+                          ("gradients(during_step)", res["gradients"]["during_step"]),
                           ("gradients(after_step)", res["gradients"]["after_step"]), ("other", res["other"])):
             if blob is None:
                 continue
             lines.append(f"  {cat}: numel={blob['numel']} bytes={blob['bytes']} storage_bytes={blob['storage_bytes']} "
-                         f"{blob['by_dtype']}")
+                         f"by_home={blob['by_home']}")
             for name, s in blob["structures"].items():
                 lines.append(f"      {name}: numel={s['numel']} bytes={s['bytes']} storage_bytes={s['storage_bytes']} "
-                             f"dtype={s['dtype']} n={s['tensors']}")
+                             f"dtype={s['dtype']} n={s['tensors']} home={s.get('home')}")
     lines.append(f"wall_s={results[0]['wall_s']}")
     return "\n".join(lines)
 
@@ -908,6 +1043,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--param-groups", default="single", choices=["single", "decay_split"])
+    parser.add_argument("--allow-fp16-on-cpu", action="store_true", help="bypass DeepSpeed's CPU fp16 check")
+    parser.add_argument("--client-optimizer", default=None, choices=["torch_adamw"])
     parser.add_argument("--out", default=None, help="write the full per-rank JSON here")
     args = parser.parse_args(argv)
 
@@ -923,7 +1060,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       frozen_prefixes=args.frozen,
                       world_size=args.world_size,
                       steps=args.steps,
-                      param_groups=args.param_groups)
+                      param_groups=args.param_groups,
+                      allow_fp16_on_cpu=args.allow_fp16_on_cpu,
+                      client_optimizer=args.client_optimizer)
     print(_summarize(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

@@ -1,0 +1,713 @@
+"""The judge: trace one real training step of a transformers model with fake tensors.
+
+Our estimator predicts the memory of one training step by arithmetic. This module measures the
+same step by running it: the real ``AutoModelForCausalLM`` class, the real forward (loss from
+``labels`` exactly as HF Trainer computes it), ``loss.backward()``, HF Trainer's gradient
+clipping and the real ``torch.optim`` optimizer step, all on ``FakeTensorMode`` tensors (shapes,
+dtypes and devices, no data) under ``torch.distributed._tools.mem_tracker.MemTracker``, which
+attributes every storage to parameters, buffers, gradients, activations, temporaries or
+optimizer states and records the peak. A 7-8B model costs no memory and traces in a minute or
+two on two CPU cores.
+
+GPU fidelity (see docs/trace-notes.md for the measurements):
+
+* Tensors live on a fake ``cuda`` device, so CUDA's autocast op lists apply and MemTracker
+  rounds every storage to 512 bytes as the CUDA caching allocator does. A CPU-only torch build
+  cannot run autograd on fake CUDA tensors by itself (no CUDA device guard, no accelerator); the
+  worker then compiles a 30-line C++ shim once (cached) that registers a fake CUDA device guard
+  and CUDA hooks, and loads it *before* importing torch. Without a C++ compiler the trace falls
+  back to ``cpu`` and says so in ``TraceResult.notes``.
+* ``scaled_dot_product_attention`` on a fake CUDA tensor is routed the way a GPU routes it
+  (flash attention for fp16/bf16 without a mask, else memory-efficient attention, else math),
+  calling the same aten kernels whose meta functions give the outputs a GPU allocates.
+* Each trace runs in a fresh Python subprocess (the shim changes process-wide torch state, and a
+  fresh process frees everything afterwards).
+
+torch and transformers are imported inside functions only: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "pure-bf16")
+OPTIMIZERS = ("adamw-forloop", "adamw-foreach", "adamw-fused", "sgd", "adafactor", "none")
+ATTENTIONS = ("eager", "sdpa")
+DEVICES = ("cuda", "cpu")
+PHASES = ("forward", "backward", "optimizer")
+
+# MemTracker's _MemRefType values -> our category names.
+CATEGORY_NAMES = {
+    "Parameter": "weights",
+    "Buffer": "buffers",
+    "Gradient": "gradients",
+    "Activation": "activations",
+    "Temp": "temporaries",
+    "Optstate": "optimizer_states",
+    "Other": "other",
+}
+CATEGORIES = tuple(CATEGORY_NAMES.values())
+
+_PROGRESS = "memplan-trace-progress\t"
+_RESULT = "memplan-trace-result\t"
+
+
+class TraceError(RuntimeError):
+    """The traced step failed (the worker's error and the tail of its stderr are in the message)."""
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    """One training step to trace.
+
+    Attributes:
+        model_config: HF ``config.json`` fields, ``model_type`` included; the model is built with
+            ``AutoModelForCausalLM.from_config``. ``use_cache`` is left to the config, as HF
+            Trainer leaves it (without gradient checkpointing a ``DynamicCache`` is then filled
+            during the training forward; put ``"use_cache": False`` in the config to avoid it).
+        precision: ``fp32``; ``amp-bf16``/``amp-fp16`` (fp32 weights, ``torch.autocast`` over
+            forward and loss, as HF Trainer); ``pure-bf16`` (``model.to(bfloat16)``, no autocast).
+        optimizer: ``adamw-forloop`` | ``adamw-foreach`` | ``adamw-fused`` (torch AdamW),
+            ``sgd`` (momentum 0.9), ``adafactor`` (transformers Adafactor as HF Trainer builds it:
+            ``scale_parameter=False, relative_step=False``), ``none`` (no optimizer step).
+        grad_ckpt: ``gradient_checkpointing_enable({"use_reentrant": False})`` as HF Trainer does.
+        attn: ``eager`` | ``sdpa`` (``attn_implementation``).
+        frozen_prefixes: parameter name prefixes set to ``requires_grad=False``.
+        micro_batch, seq_len: shape of ``input_ids`` and ``labels``; no attention mask is passed
+            (packed / unpadded batch), so sdpa runs causal without a mask.
+        steps: training steps to run; >= 2 so optimizer states exist during the second step.
+        device: ``cuda`` (fake CUDA tensors; GPU behaviour) or ``cpu`` (fake CPU tensors).
+        max_grad_norm: HF Trainer's gradient clipping (default 1.0); None skips it.
+    """
+
+    model_config: dict
+    precision: str = "amp-bf16"
+    optimizer: str = "adamw-fused"
+    grad_ckpt: bool = False
+    attn: str = "sdpa"
+    frozen_prefixes: tuple[str, ...] = ()
+    micro_batch: int = 1
+    seq_len: int = 512
+    steps: int = 2
+    device: str = "cuda"
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if "model_type" not in self.model_config:
+            raise ValueError("model_config needs a 'model_type'")
+        for name, value, allowed in (("precision", self.precision, PRECISIONS),
+                                     ("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("attn", self.attn, ATTENTIONS), ("device", self.device, DEVICES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        if self.micro_batch < 1 or self.seq_len < 2 or self.steps < 1:
+            raise ValueError("micro_batch >= 1, seq_len >= 2 and steps >= 1 are required")
+        object.__setattr__(self, "frozen_prefixes", tuple(self.frozen_prefixes))
+
+    def to_json(self) -> str:
+        """The request as JSON (what the worker reads)."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TraceRequest:
+        """Inverse of ``to_json``."""
+        d = json.loads(text)
+        d["frozen_prefixes"] = tuple(d.get("frozen_prefixes", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """What the traced step used on the traced device (bytes; MemTracker's accounting).
+
+    Attributes:
+        peak_bytes: max over all steps of all tracked tensor bytes on the device.
+        peak_phase: phase in which that peak happened: forward | backward | optimizer.
+        at_peak: bytes by category at that peak (weights, buffers, gradients, activations,
+            temporaries, optimizer_states, other).
+        phase_peaks: peak total in each phase (max over steps).
+        module_peaks: peak total while each top-level module was running, in the last step
+            (forward and backward, recomputation included), e.g. ``model.embed_tokens``,
+            ``model.layers.0``, ``model.norm``, ``lm_head``, ``loss`` (the loss function, which
+            the tracer wraps in a module so it is tracked) and ``(root)``.
+        seconds: wall time of model build + traced steps in the worker (no interpreter start).
+        device: device actually traced (``cpu`` if a fake CUDA device was not possible).
+        notes: how the trace deviated from the request or from a GPU, if at all.
+        step_peaks: peak total of each step.
+        phase_breakdown: bytes by category at each phase's peak.
+        after_forward: bytes by category at the end of the last step's forward (loss computed,
+            model outputs dropped, before backward): what the step holds for backward.
+        after_backward: bytes by category right after the last step's ``loss.backward()``.
+        after_step: bytes by category after the last step's ``zero_grad``.
+    """
+
+    peak_bytes: int
+    peak_phase: str
+    at_peak: dict[str, int]
+    phase_peaks: dict[str, int]
+    module_peaks: dict[str, int]
+    seconds: float
+    device: str = "cuda"
+    notes: tuple[str, ...] = ()
+    step_peaks: tuple[int, ...] = ()
+    phase_breakdown: dict[str, dict[str, int]] = field(default_factory=dict)
+    after_forward: dict[str, int] = field(default_factory=dict)
+    after_backward: dict[str, int] = field(default_factory=dict)
+    after_step: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TraceResult:
+        d = dict(d)
+        d["notes"] = tuple(d.get("notes", ()))
+        d["step_peaks"] = tuple(d.get("step_peaks", ()))
+        return cls(**d)
+
+
+def trace_step(req: TraceRequest, progress: Callable[[str], None] | None = None, *,
+               timeout: float | None = None) -> TraceResult:
+    """Trace ``req`` in a fresh Python subprocess and return what it measured.
+
+    Args:
+        req: the step to trace.
+        progress: called with a short message per phase and per decoder layer.
+        timeout: seconds before the worker is killed (None: no limit).
+
+    Raises:
+        TraceError: the worker failed or timed out.
+    """
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "planner.trace"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
+                                env={**os.environ, "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")})
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(req.to_json())
+        proc.stdin.close()
+        result: dict | None = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        import threading
+
+        timer = None
+        if deadline is not None:
+            timer = threading.Timer(timeout, proc.kill)
+            timer.start()
+        try:
+            for line in proc.stdout:
+                if line.startswith(_PROGRESS):
+                    if progress is not None:
+                        progress(line[len(_PROGRESS):].rstrip("\n"))
+                elif line.startswith(_RESULT):
+                    result = json.loads(line[len(_RESULT):])
+            rc = proc.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if rc != 0 or result is None:
+            err.seek(0)
+            tail = err.read()[-4000:]
+            why = "timed out" if deadline is not None and time.monotonic() >= deadline else f"exit status {rc}"
+            raise TraceError(f"trace worker failed ({why}):\n{tail}")
+    return TraceResult.from_dict(result)
+
+
+# --------------------------------------------------------------------------------------------
+# Fake CUDA on a CPU-only torch build
+# --------------------------------------------------------------------------------------------
+
+_SHIM_SOURCE = r"""
+// Lets a CPU-only torch build run autograd on FakeTensorMode tensors whose device is "cuda".
+// (1) a CUDA device guard: autograd records a stream per input (InputMetadata), and torch only
+//     installs a fake guard itself when it was built with CUDA (c10::impl::ensureCUDADeviceGuardSet);
+// (2) CUDA hooks that say "built", so at::accelerator::getAccelerator() answers CUDA and the
+//     autograd engine can ask for the current stream of a CUDA gradient (InputBuffer::add).
+// Nothing runs on a device: FakeGuardImpl only keeps a current device and stream id.
+// (2) only works if this library is loaded before `import torch` creates the hooks.
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/core/impl/FakeGuardImpl.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+
+namespace memplan_fake_cuda {
+struct Hooks final : public at::CUDAHooksInterface {
+  explicit Hooks(at::CUDAHooksArgs) {}
+  bool isBuilt() const override { return true; }
+  bool hasPrimaryContext(c10::DeviceIndex) const override { return true; }
+};
+}  // namespace memplan_fake_cuda
+
+namespace at {
+C10_REGISTER_TYPED_CLASS(CUDAHooksRegistry, "CUDAHooks", memplan_fake_cuda::Hooks)
+}
+
+extern "C" int memplan_register_fake_cuda_guard() {
+  static c10::impl::FakeGuardImpl<c10::DeviceType::CUDA> impl;
+  c10::impl::registerDeviceGuard(c10::DeviceType::CUDA, &impl);
+  return 0;
+}
+"""
+
+
+def _torch_root() -> Path:
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise TraceError("torch is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _torch_version_info(root: Path) -> tuple[str, bool]:
+    """(torch version, built with CUDA?) read from torch/version.py without importing torch."""
+    text = (root / "version.py").read_text()
+    ver = re.search(r"^__version__\s*(?::[^=]*)?=\s*['\"]([^'\"]+)['\"]", text, re.M)
+    cuda = re.search(r"^cuda\s*(?::[^=]*)?=\s*(None|['\"][^'\"]*['\"])", text, re.M)
+    return (ver.group(1) if ver else "unknown", bool(cuda) and cuda.group(1) != "None")
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("MEMPLAN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "memplan")
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _build_shim(root: Path, version: str) -> Path:
+    """Compile the fake-CUDA shim for this torch (cached by torch version and source)."""
+    key = hashlib.sha1((version + str(root) + _SHIM_SOURCE).encode()).hexdigest()[:12]
+    out = _cache_dir() / f"fake_cuda_{key}.so"
+    if out.exists():
+        return out
+    # The C++ ABI flag must match torch's; ask a separate interpreter (this one must not import torch).
+    abi = subprocess.run([sys.executable, "-c", "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))"],
+                         capture_output=True, text=True, timeout=300)
+    flag = abi.stdout.strip() if abi.returncode == 0 and abi.stdout.strip() in ("0", "1") else "1"
+    cxx = os.environ.get("CXX") or "g++"
+    lib = root / "lib"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "fake_cuda.cpp"
+        src.write_text(_SHIM_SOURCE)
+        tmp_out = Path(tmp) / out.name
+        cmd = [cxx, "-O1", "-std=c++17", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={flag}",
+               f"-I{root / 'include'}", str(src), f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}",
+               "-o", str(tmp_out)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise OSError(f"compiling the fake-CUDA shim failed: {r.stderr[-2000:]}")
+        os.replace(tmp_out, out)
+    return out
+
+
+def _enable_fake_cuda() -> str | None:
+    """Make fake CUDA tensors usable in this process; must run before ``import torch``.
+
+    Returns None when torch can do it itself (a CUDA build), else a note; raises OSError when
+    it is impossible (no compiler, or torch already imported).
+    """
+    root = _torch_root()
+    version, cuda_built = _torch_version_info(root)
+    if cuda_built:
+        return None  # FakeTensorMode installs a fake guard itself when no GPU is visible
+    if "torch" in sys.modules:
+        raise OSError("torch is already imported; the fake-CUDA shim must load before it")
+    import ctypes
+
+    shim = _build_shim(root, version)
+    lib = root / "lib"
+    ctypes.CDLL(str(lib / "libc10.so"), mode=ctypes.RTLD_GLOBAL)
+    ctypes.CDLL(str(lib / "libtorch_cpu.so"), mode=ctypes.RTLD_GLOBAL)
+    handle = ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
+    handle.memplan_register_fake_cuda_guard()
+    return f"CPU-only torch {version}: fake CUDA device through the compiled shim {shim.name}"
+
+
+# --------------------------------------------------------------------------------------------
+# The traced step (runs in the worker, torch imported)
+# --------------------------------------------------------------------------------------------
+
+_PHASE = {"name": "setup"}
+
+
+def _make_tracker_class():
+    import torch
+    from torch._guards import active_fake_mode
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType, _ModState
+    from torch.distributed.tensor import DTensor
+    from torch.utils._pytree import tree_map_only
+
+    class PhaseMemTracker(MemTracker):
+        """MemTracker that also keeps a peak per phase and per step, and types tensors allocated
+        inside ``optimizer.step`` as temporaries until the step's post-hook retypes the states
+        that persist as ``Optstate`` (stock MemTracker types every allocation in the step as
+        ``Optstate``)."""
+
+        def __init__(self, device_type: str, on_layer: Callable[[str, str], None] | None = None) -> None:
+            super().__init__()
+            self.device_type = device_type
+            self.on_layer = on_layer
+            self.phase_peaks: dict[str, int] = {}
+            self.phase_peak_snaps: dict[str, dict] = {}
+            self.step_peak = 0
+
+        def dev_snapshot(self) -> dict:
+            for dev, snap in self._curr_mem_snap.items():
+                if dev.type == self.device_type:
+                    return snap
+            return {}
+
+        def _update_peak_stats(self, peak_state) -> None:  # noqa: ANN001
+            super()._update_peak_stats(peak_state)
+            snap = self.dev_snapshot()
+            total = snap.get(_TOTAL_KEY, 0)
+            phase = _PHASE["name"]
+            if total > self.phase_peaks.get(phase, -1):
+                self.phase_peaks[phase] = total
+                self.phase_peak_snaps[phase] = dict(snap)
+            self.step_peak = max(self.step_peak, total)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            if any(t == DTensor for t in types):
+                return NotImplemented
+            res = func(*args, **(kwargs or {}))
+            if active_fake_mode() is self._fake_mode_on_entry:
+                if self._in_opt or (self._mod_tracker.is_bw and not self._in_ac):
+                    reftype = _MemRefType.TEMP
+                else:
+                    reftype = _MemRefType.ACT
+                tree_map_only(torch.Tensor, lambda t: self._track(reftype, t), res)
+                self._update_peak_stats(_ModState.PEAK_BW if self._mod_tracker.is_bw else _ModState.PEAK_FW)
+            return res
+
+        def _pre_fw_hook(self, module, inputs) -> None:  # noqa: ANN001
+            super()._pre_fw_hook(module, inputs)
+            if self.on_layer is not None and getattr(module, "_memplan_layer", None) is not None:
+                self.on_layer("recompute" if self._mod_tracker.is_bw else "forward", module._memplan_layer)
+
+        def _pre_bw_hook(self, module, args) -> None:  # noqa: ANN001
+            super()._pre_bw_hook(module, args)
+            if self.on_layer is not None and module is not None and getattr(module, "_memplan_layer", None) is not None:
+                self.on_layer("backward", module._memplan_layer)
+
+    return PhaseMemTracker
+
+
+def _cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,  # noqa: ANN001
+               enable_gqa=False):
+    """``scaled_dot_product_attention`` as a CUDA GPU (sm80+) dispatches it.
+
+    CUDA autocast lists sdpa as lower precision: floating q/k/v (and a float mask) are cast to
+    the autocast dtype. Backend priority as torch's default: flash (fp16/bf16, no mask, head
+    dim <= 256; supports GQA), memory-efficient (no GQA; takes a mask), math (everything else).
+    """
+    import torch
+
+    if torch.is_autocast_enabled("cuda"):
+        dt = torch.get_autocast_dtype("cuda")
+
+        def cast(t):  # noqa: ANN001, ANN202
+            return t.to(dt) if t is not None and t.is_floating_point() and t.dtype != dt else t
+
+        query, key, value = cast(query), cast(key), cast(value)
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = cast(attn_mask)
+    hd = query.size(-1)
+    gqa = query.size(-3) != key.size(-3)
+    same_dims = key.size(-1) == hd and value.size(-1) == hd
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if (query.dtype in (torch.float16, torch.bfloat16) and attn_mask is None and hd <= 256 and same_dims
+            and query.dim() == 4 and (not gqa or enable_gqa)):
+        return torch.ops.aten._scaled_dot_product_flash_attention(
+            query, key, value, dropout_p, is_causal, False, scale=scale)[0]
+    if not gqa and query.dim() == 4 and same_dims:
+        bias = attn_mask
+        if bias is not None:
+            if bias.dtype == torch.bool:  # convert_boolean_attn_mask
+                bias = torch.zeros(bias.shape, dtype=query.dtype, device=query.device).masked_fill_(
+                    bias.logical_not(), float("-inf"))
+            kv = bias.size(-1)
+            if kv % 16:  # preprocess_mask: pad the last dim to a multiple of 16, then slice
+                bias = torch.nn.functional.pad(bias, (0, 16 - kv % 16))[..., :kv]
+            bias = bias.expand(query.size(0), query.size(1), query.size(2), key.size(2))
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, bias, needs_grad, dropout_p, is_causal, scale=scale)[0]
+    return torch.ops.aten._scaled_dot_product_attention_math(
+        query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa)[0]
+
+
+@contextlib.contextmanager
+def _gpu_sdpa():
+    """Route ``torch.nn.functional.scaled_dot_product_attention`` on CUDA tensors through
+    ``_cuda_sdpa`` (a module attribute patch: transformers looks it up at call time, and unlike a
+    TorchFunctionMode it also holds on the autograd engine's device thread, where gradient
+    checkpointing recomputes the forward)."""
+    import torch
+
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(query, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if isinstance(query, torch.Tensor) and query.device.type == "cuda":
+            return _cuda_sdpa(query, *args, **kwargs)
+        return original(query, *args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+def _patch_cuda_autocast() -> None:
+    """Let ``torch.autocast("cuda")`` turn on although no CUDA device exists (torch disables it
+    with a warning otherwise; checkpoint's recomputation re-enters autocast that way)."""
+    import torch
+    import torch.cuda.amp.common as common
+
+    common.amp_definitely_not_available = lambda: False
+    torch.cuda.is_bf16_supported = lambda *a, **k: True
+
+
+def _build_model(req: TraceRequest, dev: str):
+    """The model with fake parameters on ``dev``; tied parameters stay tied."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(req.model_config)
+    cfg.pop("torch_dtype", None)
+    cfg.pop("dtype", None)
+    cfg.pop("architectures", None)
+    mtype = cfg.pop("model_type")
+    config = AutoConfig.for_model(mtype, **cfg)
+    config._attn_implementation = req.attn
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=req.attn, dtype=torch.float32)
+    if req.precision == "pure-bf16":
+        model.to(torch.bfloat16)
+        model.tie_weights()
+    # Meta -> fake tensors on dev, one new tensor per distinct meta tensor (module._apply would
+    # untie shared parameters).
+    new: dict[int, Any] = {}
+    keep = []
+    for mod in model.modules():
+        for store, is_param in ((mod._parameters, True), (mod._buffers, False)):
+            for name, t in list(store.items()):
+                if t is None:
+                    continue
+                if id(t) not in new:
+                    keep.append(t)
+                    fake = torch.empty_like(t, device=dev)
+                    new[id(t)] = torch.nn.Parameter(fake, requires_grad=t.requires_grad) if is_param else fake
+                store[name] = new[id(t)]
+    del keep
+    for name, p in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in req.frozen_prefixes):
+            p.requires_grad_(False)
+    if req.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def _wrap_loss(model) -> None:  # noqa: ANN001
+    """Run the model's loss function inside a submodule ``loss`` so MemTracker tracks it."""
+    import torch
+
+    fn = model.loss_function
+
+    class Loss(torch.nn.Module):
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            return fn(*args, **kwargs)
+
+    loss = Loss()
+    model.add_module("loss", loss)
+
+    def call_loss(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        return loss(*args, **kwargs)
+
+    model.loss_function = call_loss  # a plain function: nn.Module.__setattr__ would not call the setter for a module
+
+
+def _make_optimizer(req: TraceRequest, params):  # noqa: ANN001
+    import torch
+
+    if req.optimizer == "none" or not params:
+        return None
+    if req.optimizer.startswith("adamw"):
+        kind = req.optimizer.split("-")[1]
+        return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, foreach=kind == "foreach", fused=kind == "fused")
+    if req.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=1e-5, momentum=0.9, foreach=False)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(params, lr=1e-5, scale_parameter=False, relative_step=False, warmup_init=False)
+
+
+def _named(snap: dict) -> dict[str, int]:
+    out = {name: 0 for name in CATEGORIES}
+    for key, value in snap.items():
+        name = CATEGORY_NAMES.get(getattr(key, "value", key))
+        if name is not None:
+            out[name] += int(value)
+    return out
+
+
+def _module_peaks(mt, dev_type: str) -> dict[str, int]:  # noqa: ANN001
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, _ModState
+
+    stats = list(mt.memory_tracking.values())
+    roots = [s.mod_fqn for s in stats if "." not in s.mod_fqn]
+    root = roots[0] if roots else ""
+    out: dict[str, int] = {}
+    for s in stats:
+        name = s.mod_fqn[len(root) + 1:] if s.mod_fqn.startswith(root + ".") else "(root)"
+        parts = name.split(".")
+        if not (name == "(root)" or len(parts) <= 2 or (len(parts) == 3 and parts[2].isdigit())):
+            continue
+        peak = 0
+        for state in (_ModState.PEAK_FW, _ModState.PEAK_BW):
+            for snap in s.snapshots.get(state, []):
+                for dev, dev_snap in snap.items():
+                    if dev.type == dev_type:
+                        peak = max(peak, dev_snap.get(_TOTAL_KEY, 0))
+        out[name] = peak
+    return out
+
+
+def _run_trace(req: TraceRequest, dev: str, notes: list[str], say: Callable[[str], None]) -> TraceResult:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY
+
+    t0 = time.perf_counter()
+    if dev == "cuda":
+        _patch_cuda_autocast()
+    amp_dtype = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}.get(req.precision)
+    if req.precision == "amp-fp16":
+        notes.append("amp-fp16: no GradScaler (its inf check needs real values); its memory is a few scalars")
+    Tracker = _make_tracker_class()
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    layer_count = {"n": 0}
+
+    def on_layer(kind: str, idx: int) -> None:
+        say(f"step {_PHASE.get('step', 0) + 1}/{req.steps} {kind} layer {idx + 1}/{layer_count['n']}")
+
+    step_peaks: list[int] = []
+    after_forward: dict[str, int] = {}
+    after_backward: dict[str, int] = {}
+    after_step: dict[str, int] = {}
+    with fake_mode:
+        say("building model")
+        model = _build_model(req, dev)
+        _wrap_loss(model)
+        layers = None
+        inner = getattr(model, "model", None)
+        if inner is not None and hasattr(inner, "layers"):
+            layers = inner.layers
+            layer_count["n"] = len(layers)
+            for i, layer in enumerate(layers):
+                layer._memplan_layer = i
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = _make_optimizer(req, params)
+        input_ids = torch.zeros((req.micro_batch, req.seq_len), dtype=torch.long, device=dev)
+        labels = torch.zeros((req.micro_batch, req.seq_len), dtype=torch.long, device=dev)
+        mt = Tracker(dev, on_layer)
+        mt.track_external(model, input_ids, labels)
+        sdpa_mode = _gpu_sdpa() if dev == "cuda" else contextlib.nullcontext()
+        say(f"model built ({sum(p.numel() for p in model.parameters()) / 1e9:.3f} B parameters); tracing")
+        with mt, sdpa_mode:
+            for step in range(req.steps):
+                _PHASE["step"] = step
+                mt.reset_mod_stats()
+                mt.step_peak = 0
+                _PHASE["name"] = "forward"
+                say(f"step {step + 1}/{req.steps} forward")
+                autocast = (torch.autocast(dev, dtype=amp_dtype) if amp_dtype is not None
+                            else contextlib.nullcontext())
+                with autocast:
+                    outputs = model(input_ids=input_ids, labels=labels)
+                    loss = outputs.loss
+                del outputs
+                after_forward = _named(mt.dev_snapshot())
+                _PHASE["name"] = "backward"
+                say(f"step {step + 1}/{req.steps} backward")
+                loss.backward()
+                del loss
+                after_backward = _named(mt.dev_snapshot())
+                _PHASE["name"] = "optimizer"
+                if req.max_grad_norm is not None and params:
+                    torch.nn.utils.clip_grad_norm_(params, req.max_grad_norm)
+                if optimizer is not None:
+                    say(f"step {step + 1}/{req.steps} optimizer")
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    model.zero_grad(set_to_none=True)
+                after_step = _named(mt.dev_snapshot())
+                step_peaks.append(mt.step_peak)
+                _PHASE["name"] = "setup"
+        module_peaks = _module_peaks(mt, dev)
+        peak_snap = {}
+        for d, snap in mt.get_tracker_snapshot("peak").items():
+            if d.type == dev:
+                peak_snap = snap
+        peak_total = int(peak_snap.get(_TOTAL_KEY, 0))
+        peak_phase = max(mt.phase_peaks, key=lambda ph: mt.phase_peaks[ph]) if mt.phase_peaks else "forward"
+        # The phase whose own peak equals the global peak (first one in step order wins ties).
+        for ph in PHASES:
+            if mt.phase_peaks.get(ph) == peak_total:
+                peak_phase = ph
+                break
+    return TraceResult(
+        peak_bytes=peak_total,
+        peak_phase=peak_phase,
+        at_peak=_named(peak_snap),
+        phase_peaks={ph: int(mt.phase_peaks.get(ph, 0)) for ph in PHASES},
+        module_peaks=module_peaks,
+        seconds=round(time.perf_counter() - t0, 3),
+        device=dev,
+        notes=tuple(notes),
+        step_peaks=tuple(int(x) for x in step_peaks),
+        phase_breakdown={ph: _named(mt.phase_peak_snaps.get(ph, {})) for ph in PHASES},
+        after_forward=after_forward,
+        after_backward=after_backward,
+        after_step=after_step,
+    )
+
+
+def _worker() -> int:
+    req = TraceRequest.from_json(sys.stdin.read())
+
+    def say(msg: str) -> None:
+        sys.stdout.write(_PROGRESS + msg.replace("\n", " ") + "\n")
+        sys.stdout.flush()
+
+    notes: list[str] = []
+    dev = req.device
+    if dev == "cuda":
+        say("preparing fake CUDA device")
+        try:
+            note = _enable_fake_cuda()
+            if note:
+                notes.append(note)
+        except OSError as exc:
+            dev = "cpu"
+            notes.append(f"fake CUDA impossible ({exc}); traced on cpu: CPU autocast lists, CPU sdpa, no 512-byte rounding")
+    say("importing torch and transformers")
+    import transformers  # noqa: F401  (import before the trace so it is not timed)
+
+    result = _run_trace(req, dev, notes, say)
+    sys.stdout.write(_RESULT + json.dumps(asdict(result)) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker())
