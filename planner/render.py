@@ -20,12 +20,14 @@ _COLORS = {
     Category.GRADIENTS: "magenta",
     Category.MASTER_WEIGHTS: "yellow",
     Category.OPTIMIZER_STATES: "green",
+    Category.BUFFERS: "blue",
 }
 _LABELS = {
     Category.WEIGHTS: "weights",
     Category.GRADIENTS: "grads",
     Category.MASTER_WEIGHTS: "master",
     Category.OPTIMIZER_STATES: "optim",
+    Category.BUFFERS: "buffers",
 }
 
 
@@ -67,6 +69,8 @@ def group_table(est: Estimate, title: str, place: str) -> Table:
     table.add_column("total", justify="right", style="bold", footer=_gib_cell(budget.total_bytes))
     for r in est.groups:
         cells = r.gpu if place == "gpu" else r.host
+        if not r.params and not any(cells.values()):
+            continue  # a pseudo-row (padding, engine) with nothing in this budget
         table.add_row(
             r.name,
             count(r.params) if r.params else "",

@@ -37,6 +37,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -188,21 +189,24 @@ def trace_step(req: TraceRequest, progress: Callable[[str], None] | None = None,
     Raises:
         TraceError: the worker failed or timed out.
     """
+    env = dict(os.environ)
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", "planner.trace"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
-                                env={**os.environ, "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")})
+                                stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, env=env)
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(req.to_json())
         proc.stdin.close()
-        result: dict | None = None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        import threading
+        killed = threading.Event()
 
-        timer = None
-        if deadline is not None:
-            timer = threading.Timer(timeout, proc.kill)
+        def kill() -> None:
+            killed.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout, kill) if timeout is not None else None
+        if timer is not None:
             timer.start()
+        result: dict | None = None
         try:
             for line in proc.stdout:
                 if line.startswith(_PROGRESS):
@@ -216,9 +220,8 @@ def trace_step(req: TraceRequest, progress: Callable[[str], None] | None = None,
                 timer.cancel()
         if rc != 0 or result is None:
             err.seek(0)
-            tail = err.read()[-4000:]
-            why = "timed out" if deadline is not None and time.monotonic() >= deadline else f"exit status {rc}"
-            raise TraceError(f"trace worker failed ({why}):\n{tail}")
+            why = f"killed after {timeout} s" if killed.is_set() else f"exit status {rc}"
+            raise TraceError(f"trace worker failed ({why}):\n{err.read()[-4000:]}")
     return TraceResult.from_dict(result)
 
 
@@ -346,17 +349,20 @@ def _make_tracker_class():
 
     class PhaseMemTracker(MemTracker):
         """MemTracker that also keeps a peak per phase and per step, and types tensors allocated
-        inside ``optimizer.step`` as temporaries until the step's post-hook retypes the states
-        that persist as ``Optstate`` (stock MemTracker types every allocation in the step as
-        ``Optstate``)."""
+        in the optimizer phase (clipping, ``optimizer.step``) as temporaries; the step's
+        post-hook then retypes the states that persist as ``Optstate`` (stock MemTracker types
+        every allocation inside the step as ``Optstate`` and clipping's as ``Activation``)."""
 
-        def __init__(self, device_type: str, on_layer: Callable[[str, str], None] | None = None) -> None:
+        def __init__(self, device_type: str, on_layer: Callable[[str, int], None] | None = None) -> None:
             super().__init__()
             self.device_type = device_type
             self.on_layer = on_layer
             self.phase_peaks: dict[str, int] = {}
             self.phase_peak_snaps: dict[str, dict] = {}
             self.step_peak = 0
+            self.peak_total = -1
+            self.peak_snap: dict = {}
+            self.peak_phase = "forward"
 
         def dev_snapshot(self) -> dict:
             for dev, snap in self._curr_mem_snap.items():
@@ -369,17 +375,46 @@ def _make_tracker_class():
             snap = self.dev_snapshot()
             total = snap.get(_TOTAL_KEY, 0)
             phase = _PHASE["name"]
-            if total > self.phase_peaks.get(phase, -1):
+            # ">=": on a tie the later step wins, whose categories are settled (in the first
+            # step the optimizer states are born inside optimizer.step, typed as temporaries).
+            if total >= self.phase_peaks.get(phase, -1):
                 self.phase_peaks[phase] = total
                 self.phase_peak_snaps[phase] = dict(snap)
+            if total >= self.peak_total:
+                self.peak_total = total
+                self.peak_snap = dict(snap)
+                self.peak_phase = phase
             self.step_peak = max(self.step_peak, total)
+
+        def _track_module_params_and_buffers(self, module, install_grad_hooks: bool = True):  # noqa: ANN001, ANN202
+            # Stock MemTracker registers a grad hook on every parameter, which raises for a
+            # frozen one ("cannot register a hook on a tensor that doesn't require gradient").
+            def grad_hook(grad) -> None:  # noqa: ANN001
+                self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+            param_memory = 0
+            for param in module.parameters():
+                winfos = self._update_and_maybe_create_winfos(param, _MemRefType.PARAM)
+                param_memory += sum(w.mem_consumed for w in winfos)
+                if param.grad is not None:
+                    self._update_and_maybe_create_winfos(param.grad, _MemRefType.GRAD)
+                if install_grad_hooks and param.requires_grad and self._param_to_grad_hook_handles.get(param) is None:
+                    self._param_to_grad_hook_handles[param] = (
+                        param.register_hook(grad_hook),
+                        param.register_post_accumulate_grad_hook(lambda p: grad_hook(p.grad)),
+                    )
+            buffer_memory = 0
+            for buffer in module.buffers():
+                winfos = self._update_and_maybe_create_winfos(buffer, _MemRefType.BUFFER)
+                buffer_memory += sum(w.mem_consumed for w in winfos)
+            return param_memory, buffer_memory
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
             if any(t == DTensor for t in types):
                 return NotImplemented
             res = func(*args, **(kwargs or {}))
             if active_fake_mode() is self._fake_mode_on_entry:
-                if self._in_opt or (self._mod_tracker.is_bw and not self._in_ac):
+                if self._in_opt or _PHASE["name"] == "optimizer" or (self._mod_tracker.is_bw and not self._in_ac):
                     reftype = _MemRefType.TEMP
                 else:
                     reftype = _MemRefType.ACT
@@ -446,9 +481,10 @@ def _cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
 @contextlib.contextmanager
 def _gpu_sdpa():
     """Route ``torch.nn.functional.scaled_dot_product_attention`` on CUDA tensors through
-    ``_cuda_sdpa`` (a module attribute patch: transformers looks it up at call time, and unlike a
-    TorchFunctionMode it also holds on the autograd engine's device thread, where gradient
-    checkpointing recomputes the forward)."""
+    ``_cuda_sdpa``. A module attribute patch, because transformers looks the function up at call
+    time and because a TorchFunctionMode is not active when non-reentrant checkpointing
+    recomputes the forward during backward (measured: the recomputation then ran the native
+    path and checkpoint failed with "a different number of tensors was saved")."""
     import torch
 
     original = torch.nn.functional.scaled_dot_product_attention
@@ -463,6 +499,20 @@ def _gpu_sdpa():
         yield
     finally:
         torch.nn.functional.scaled_dot_product_attention = original
+
+
+def _patch_unpacked_positions() -> None:
+    """Tell transformers' mask builder that the batch is not packed, as real data would.
+
+    Without a cache and an attention mask, ``masking_utils.find_packed_sequence_indices`` reads
+    ``position_ids`` to detect packed sequences; on fake tensors it cannot (``is_tracing`` is
+    true for a FakeTensor), assumes packing and materialises a [b, 1, s, s] mask, which turns
+    sdpa's flash path (``is_causal``) into a masked one with GQA expanded by ``repeat_kv``. Our
+    ``position_ids`` are ``arange``, for which the real function returns None.
+    """
+    from transformers import masking_utils
+
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
 
 
 def _patch_cuda_autocast() -> None:
@@ -489,11 +539,10 @@ def _build_model(req: TraceRequest, dev: str):
     config._attn_implementation = req.attn
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=req.attn, dtype=torch.float32)
-    if req.precision == "pure-bf16":
-        model.to(torch.bfloat16)
-        model.tie_weights()
     # Meta -> fake tensors on dev, one new tensor per distinct meta tensor (module._apply would
-    # untie shared parameters).
+    # untie shared parameters). pure-bf16 converts floating parameters and buffers as
+    # model.to(torch.bfloat16) does.
+    dtype = torch.bfloat16 if req.precision == "pure-bf16" else None
     new: dict[int, Any] = {}
     keep = []
     for mod in model.modules():
@@ -503,7 +552,7 @@ def _build_model(req: TraceRequest, dev: str):
                     continue
                 if id(t) not in new:
                     keep.append(t)
-                    fake = torch.empty_like(t, device=dev)
+                    fake = torch.empty_like(t, device=dev, dtype=dtype if t.is_floating_point() and dtype else t.dtype)
                     new[id(t)] = torch.nn.Parameter(fake, requires_grad=t.requires_grad) if is_param else fake
                 store[name] = new[id(t)]
     del keep
@@ -589,6 +638,7 @@ def _run_trace(req: TraceRequest, dev: str, notes: list[str], say: Callable[[str
     t0 = time.perf_counter()
     if dev == "cuda":
         _patch_cuda_autocast()
+    _patch_unpacked_positions()
     amp_dtype = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}.get(req.precision)
     if req.precision == "amp-fp16":
         notes.append("amp-fp16: no GradScaler (its inf check needs real values); its memory is a few scalars")
@@ -633,7 +683,12 @@ def _run_trace(req: TraceRequest, dev: str, notes: list[str], say: Callable[[str
                             else contextlib.nullcontext())
                 with autocast:
                     outputs = model(input_ids=input_ids, labels=labels)
-                    loss = outputs.loss
+                if amp_dtype is not None:
+                    # accelerate (HF Trainer's mixed precision) wraps forward in convert_outputs_to_fp32
+                    upcast = [v.float() for v in outputs.values()
+                              if isinstance(v, torch.Tensor) and v.dtype in (torch.float16, torch.bfloat16)]
+                    del upcast
+                loss = outputs.loss
                 del outputs
                 after_forward = _named(mt.dev_snapshot())
                 _PHASE["name"] = "backward"
@@ -654,21 +709,16 @@ def _run_trace(req: TraceRequest, dev: str, notes: list[str], say: Callable[[str
                 step_peaks.append(mt.step_peak)
                 _PHASE["name"] = "setup"
         module_peaks = _module_peaks(mt, dev)
-        peak_snap = {}
-        for d, snap in mt.get_tracker_snapshot("peak").items():
-            if d.type == dev:
-                peak_snap = snap
-        peak_total = int(peak_snap.get(_TOTAL_KEY, 0))
-        peak_phase = max(mt.phase_peaks, key=lambda ph: mt.phase_peaks[ph]) if mt.phase_peaks else "forward"
-        # The phase whose own peak equals the global peak (first one in step order wins ties).
-        for ph in PHASES:
-            if mt.phase_peaks.get(ph) == peak_total:
-                peak_phase = ph
-                break
+        # MemTracker's own peak (get_tracker_snapshot("peak")) keeps the first of equal peaks;
+        # ours keeps the last, with the same total.
+        stock = sum(int(snap.get(_TOTAL_KEY, 0))
+                    for d, snap in mt.get_tracker_snapshot("peak").items() if d.type == dev)
+        if stock != mt.peak_total:
+            raise TraceError(f"peak mismatch: MemTracker {stock}, phase tracker {mt.peak_total}")
     return TraceResult(
-        peak_bytes=peak_total,
-        peak_phase=peak_phase,
-        at_peak=_named(peak_snap),
+        peak_bytes=int(mt.peak_total),
+        peak_phase=mt.peak_phase,
+        at_peak=_named(mt.peak_snap),
         phase_peaks={ph: int(mt.phase_peaks.get(ph, 0)) for ph in PHASES},
         module_peaks=module_peaks,
         seconds=round(time.perf_counter() - t0, 3),
@@ -699,14 +749,18 @@ def _worker() -> int:
                 notes.append(note)
         except OSError as exc:
             dev = "cpu"
-            notes.append(f"fake CUDA impossible ({exc}); traced on cpu: CPU autocast lists, CPU sdpa, no 512-byte rounding")
+            notes.append(f"fake CUDA impossible ({exc}); traced on cpu: CPU autocast lists, CPU sdpa, "
+                         "no 512-byte rounding")
     say("importing torch and transformers")
     import transformers  # noqa: F401  (import before the trace so it is not timed)
 
     result = _run_trace(req, dev, notes, say)
     sys.stdout.write(_RESULT + json.dumps(asdict(result)) + "\n")
     sys.stdout.flush()
-    return 0
+    sys.stderr.flush()
+    # Skip interpreter teardown: with fake CUDA the autograd engine's device threads sometimes
+    # abort the process at exit (std::terminate, exit status 134) after the work is done.
+    os._exit(0)
 
 
 if __name__ == "__main__":

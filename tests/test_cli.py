@@ -22,19 +22,24 @@ def test_reference_case_is_host_bound():
     """MiniCPM-o 2.6 as finetune.py builds it (llm + vpm + resampler), vpm frozen, ZeRO-3 with both
     offloads, amp-bf16, on 2x3090 with a 64 GiB host.
 
-    Per node (2 ranks, each with half of every tensor; all numels here are even):
-      16-bit params on the host: 8,099,418,864 x 2 B            = 16,198,837,728
-      fp32 master + fp32 grads + Adam m, v for the trained
-      7,613,007,360 + 68,619,264 = 7,681,626,624 params x 16 B  = 122,906,025,984
-      total                                                     = 139,104,863,712 (129.55 GiB)
+    Per node (2 ranks, each with half of every tensor; all numels here are even; persistent
+    norms and biases stay on the GPU, but trainable ones keep their partition in the host buffer):
+      16-bit param partitions on the host: 8,099,418,864 x 2 B          = 16,198,837,728
+      less the frozen vpm's 273 persistent tensors (norms and biases of
+      <= 10 x 3584 elements), which stay on the GPU: 399,600 x 2 B     =       -799,200
+      fp32 master + bf16 grad partition + fp32 master .grad + Adam m, v
+      for the trained 7,613,007,360 + 68,619,264 = 7,681,626,624 x 18 B = 138,269,279,232
+      total                                                             = 154,467,317,760 (143.86 GiB)
     """
     result = run("estimate", "--gpus", "2x3090", "--host-ram", "64GiB", "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
-    assert doc["host"]["total_bytes"] == 139_104_863_712
+    assert doc["host"]["total_bytes"] == 154_467_317_760
     assert doc["host"]["capacity_bytes"] == 64 * 2**30
     assert doc["fits"] is False and doc["binding"] == "host"
-    assert [g["name"] for g in doc["groups"]] == ["llm", "vpm", "resampler"]
+    assert [g["name"] for g in doc["groups"]] == ["llm", "vpm", "resampler", "(engine)"]
+    # the engine row: ZeRO-3's persistent gradient bucket, reduce_bucket_size = 3584^2 bf16 elements
+    assert doc["groups"][3]["by_category"]["buffers"] == 3584 * 3584 * 2
     assert doc["groups"][1]["trainable_params"] == 0
     assert set(doc["per_gpu"]) >= {"total_bytes", "capacity_bytes", "by_category"}
     assert set(doc["per_gpu"]["by_category"]) >= {"weights", "gradients", "master_weights", "optimizer_states"}

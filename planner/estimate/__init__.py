@@ -32,7 +32,7 @@ def estimate(model: ModelSpec, cluster: Cluster, options: TrainingOptions, workl
     """
     params = trainable_inventory(model, options)
     zero = zero or ZeroSettings.hf_auto(model.hidden_size)
-    items = model_state_items(params, options, cluster.world_size, zero)
+    items = model_state_items(params, options, cluster.world_size, zero, workload.grad_accum)
     group_params: dict[str, tuple[int, int]] = {}
     for p in params:
         total, trained = group_params.get(p.group, (0, 0))

@@ -19,6 +19,7 @@ class Category(str, Enum):
     GRADIENTS = "gradients"
     MASTER_WEIGHTS = "master_weights"
     OPTIMIZER_STATES = "optimizer_states"
+    BUFFERS = "buffers"  # engine buffers: gradient buckets, offload staging and temp buffers
 
 
 class Place(str, Enum):
@@ -31,6 +32,8 @@ class Place(str, Enum):
 
 PADDING_ROW = "(zero padding)"
 """Pseudo-group for DeepSpeed's alignment padding of flat ZeRO-1/2 buffers."""
+ENGINE_ROW = "(engine)"
+"""Pseudo-group for buffers that belong to the engine, not to a layer group."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +146,7 @@ def assemble(
         else:
             nvme += it.nbytes * gpus_per_node
     names = list(group_params)
-    if PADDING_ROW in gpu_rows or PADDING_ROW in host_rows:
-        names.append(PADDING_ROW)
+    names += [row for row in (PADDING_ROW, ENGINE_ROW) if row in gpu_rows or row in host_rows]
     rows = tuple(
         GroupRow(n, *group_params.get(n, (0, 0)), dict(gpu_rows.get(n) or _zero()), dict(host_rows.get(n) or _zero()))
         for n in names

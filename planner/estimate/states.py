@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from planner.estimate.result import PADDING_ROW, Category, Item, Place
+from planner.estimate.result import ENGINE_ROW, PADDING_ROW, Category, Item, Place
 from planner.options import Engine, Offload, OptimizerImpl, Precision, TrainingOptions, ZeroStage
 from planner.units import DType, ceil_div, round_up
 from planner.workload import Param
@@ -23,26 +23,34 @@ BNB_BLOCK_SIZE = 256  # bitsandbytes blockwise 8-bit state: one fp32 absmax per 
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes Optimizer8bit(min_8bit_size=4096): smaller tensors keep fp32 states
 ADAFACTOR_RMS_BYTES = 4  # transformers Adafactor: state["RMS"], a float32 0-d tensor per parameter
 ZERO12_ALIGNMENT = 2  # stage_1_and_2.py: nccl_start_alignment_factor = 2 (4-byte alignment of 16-bit)
-DEFAULT_PERSISTENCE_THRESHOLD = 100_000  # stage3.py: param_persistence_threshold default (elements)
+# DeepSpeed 0.19.8 zero/config.py defaults, elements.
+DS_REDUCE_BUCKET_SIZE = 500_000_000
+DS_PERSISTENCE_THRESHOLD = 100_000
 
 
 @dataclass(frozen=True)
 class ZeroSettings:
-    """DeepSpeed ``zero_optimization`` values that change model-state bytes.
+    """DeepSpeed ``zero_optimization`` values that change memory.
 
     Attributes:
-        param_persistence_threshold: ZeRO-3 keeps parameters with fewer elements than this
-            gathered on every GPU (HF Trainer's "auto" is 10 x hidden_size).
+        reduce_bucket_size: elements per gradient bucket (HF "auto": hidden_size^2).
+        param_persistence_threshold: ZeRO-3 keeps parameters of at most this many elements
+            gathered on every GPU (HF "auto": 10 x hidden_size).
+        overlap_comm: ZeRO-1/2 double-buffer their bucket (DeepSpeed's default: on for stage 3 only).
+        contiguous_gradients: gradients are copied into the bucket buffer as produced.
     """
 
-    param_persistence_threshold: int = DEFAULT_PERSISTENCE_THRESHOLD
+    reduce_bucket_size: int = DS_REDUCE_BUCKET_SIZE
+    param_persistence_threshold: int = DS_PERSISTENCE_THRESHOLD
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
 
     @classmethod
     def hf_auto(cls, hidden_size: int | None) -> ZeroSettings:
-        """The values HF Trainer writes for "auto" (transformers integrations/deepspeed.py)."""
+        """What HF Trainer writes for "auto" (transformers integrations/deepspeed.py L232-L242)."""
         if hidden_size is None:
             return cls()
-        return cls(param_persistence_threshold=10 * hidden_size)
+        return cls(reduce_bucket_size=hidden_size * hidden_size, param_persistence_threshold=10 * hidden_size)
 
 
 def working_dtype(options: TrainingOptions) -> DType:
@@ -120,7 +128,7 @@ def _items(category: Category, place: Place, per_group: dict[str, int]) -> list[
 
 
 def model_state_items(params: Sequence[Param], options: TrainingOptions, world_size: int,
-                      zero: ZeroSettings | None = None) -> list[Item]:
+                      zero: ZeroSettings | None = None, grad_accum: int = 1) -> list[Item]:
     """What the most loaded rank holds for weights, gradients, master weights and optimizer states.
 
     Args:
@@ -128,6 +136,7 @@ def model_state_items(params: Sequence[Param], options: TrainingOptions, world_s
         options: how the step runs.
         world_size: data-parallel ranks.
         zero: DeepSpeed settings that matter here (default: DeepSpeed's own defaults).
+        grad_accum: micro-steps per optimizer step (ZeRO-2 keeps more gradient buffers when > 1).
 
     Returns:
         Items for one rank; host items are per rank (the caller multiplies by ranks per node).
@@ -138,8 +147,8 @@ def model_state_items(params: Sequence[Param], options: TrainingOptions, world_s
     if options.zero is ZeroStage.PARAMETERS:
         return _zero3_items(params, options, world_size, zero)
     if options.zero is ZeroStage.DISABLED:
-        return _deepspeed_stage0_items(params, options, world_size)
-    return _zero12_items(params, options, world_size)
+        return _deepspeed_stage0_items(params, options)
+    return _zero12_items(params, options, world_size, zero, grad_accum)
 
 
 def _torch_items(params: Sequence[Param], options: TrainingOptions) -> list[Item]:
@@ -162,102 +171,148 @@ def _torch_items(params: Sequence[Param], options: TrainingOptions) -> list[Item
     return items
 
 
-def _flat_partition_items(params: Sequence[Param], padded: int, world_size: int) -> dict[str, int]:
-    """Per-group elements of one rank's slice of a flat, padded buffer (spread by share)."""
-    weights = _by_group(params, lambda p: p.numel)
-    pad = padded - sum(weights.values())
-    if pad:
-        weights[PADDING_ROW] = pad
-    return _spread(padded // world_size, weights)
+def _zero12_layout(trained: Sequence[Param], world_size: int) -> tuple[int, int, list[int], list[int]]:
+    """The flat 16-bit buffer of one param group (stage_1_and_2.py L441-L446, L540-L551, L2579-L2611).
 
-
-def _zero12_items(params: Sequence[Param], options: TrainingOptions, world_size: int) -> list[Item]:
-    """ZeRO-1/2 (stage_1_and_2.py). Trainable 16-bit params are flattened into one buffer per
-    param group, padded to a multiple of ``2 * world_size`` elements; each rank owns 1/world_size
-    of it as an fp32 master partition with its optimizer states. Frozen params stay as they are.
+    Returns:
+        (padded numel ``Flat``, partition numel ``P``, per-rank padding, per-rank ``G_r``: the full
+        numels of the parameters that overlap rank r's partition, a straddling one on both ranks).
     """
-    wd = working_dtype(options)
-    sd = state_dtype(options)
-    impl = options.optimizer_impl
+    real = sum(p.numel for p in trained)
+    flat = round_up(real, ZERO12_ALIGNMENT * world_size)
+    part = flat // world_size
+    pads = [min(part, max(0, (r + 1) * part - max(real, r * part))) for r in range(world_size)]
+    overlap = [0] * world_size
+    offset = 0
+    for p in trained:
+        if p.numel:
+            first, last = offset // part, (offset + p.numel - 1) // part
+            for r in range(first, last + 1):
+                overlap[r] += p.numel
+        offset += p.numel
+    return flat, part, pads, overlap
+
+
+def _place(offload: Offload) -> Place:
+    return {Offload.NONE: Place.GPU, Offload.CPU: Place.HOST, Offload.NVME: Place.NVME}[offload]
+
+
+def _zero12_items(params: Sequence[Param], options: TrainingOptions, world_size: int, zero: ZeroSettings,
+                  grad_accum: int) -> list[Item]:
+    """ZeRO-1/2 (stage_1_and_2.py; docs/zero-internals.md section 4), one param group as HF Trainer
+    builds it when the DeepSpeed config has an optimizer section.
+
+    Trainable 16-bit params are flattened into one buffer padded to a multiple of ``2 * world``
+    elements; rank r owns ``P = Flat / world`` of it as a master partition with its optimizer
+    states. Frozen params stay whole on every GPU. Every rank's partition is equal; gradients
+    depend on which parameters overlap the partition, so each rank is computed and the most
+    loaded one is reported.
+    """
+    wd, sd, impl = working_dtype(options), state_dtype(options), options.optimizer_impl
     trained = [p for p in params if p.trainable]
     frozen = [p for p in params if not p.trainable]
-    real = sum(p.numel for p in trained)
-    padded = round_up(real, ZERO12_ALIGNMENT * world_size)
-    partition = padded // world_size
-    share = _flat_partition_items(trained, padded, world_size)  # elements per group on this rank
+    flat, part, pads, overlap = _zero12_layout(trained, world_size)
+    share = _by_group(trained, lambda p: p.numel)  # a group's share of each flat slice
+    if flat > sum(share.values()):
+        share[PADDING_ROW] = flat - sum(share.values())
+    rank_share = _spread(part, share)  # elements per row in one rank's slice (spread by share)
     offload = options.offload_optimizer is not Offload.NONE
-    opt_place = Place.HOST if offload else Place.GPU
+    opt_place = _place(options.offload_optimizer)
 
-    # weights: the flat 16-bit buffer (bit16_groups_flat, padding included) + frozen params.
     weights = _by_group(frozen, lambda p: p.numel * wd.itemsize)
-    for g, elems in _by_group(trained, lambda p: p.numel).items():
+    for g, elems in share.items():  # bit16_groups_flat: the whole padded buffer on every GPU
         weights[g] = weights.get(g, 0) + elems * wd.itemsize
-    if padded > real:
-        weights[PADDING_ROW] = (padded - real) * wd.itemsize
     items = _items(Category.WEIGHTS, Place.GPU, weights)
-    # master: single_partition_of_fp32_groups, a clone of this rank's slice (always a copy here).
-    items += _items(Category.MASTER_WEIGHTS, opt_place, {g: e * sd.itemsize for g, e in share.items()})
-    # optimizer states on the flat fp32 partition.
-    total_state = optimizer_state_bytes((partition,), impl, sd)
-    items += _items(Category.OPTIMIZER_STATES, opt_place, _spread(total_state, share))
-    # gradients
-    items += _zero12_gradient_items(trained, share, partition, options, wd, sd)
+    items += _items(Category.MASTER_WEIGHTS, opt_place, {g: e * sd.itemsize for g, e in rank_share.items()})
+    items += _items(Category.OPTIMIZER_STATES, opt_place, _spread(optimizer_state_bytes((part,), impl, sd), rank_share))
+
+    largest = max((p.numel for p in trained), default=0)
+    if offload:
+        # single_partition_of_fp32_groups[g].grad, pinned, persistent (L934-L956); with gas > 1
+        # stage 2 also keeps accumulated_grads_in_cpu: G_r model-dtype elements (L1809-L1857).
+        r = max(range(world_size), key=lambda i: overlap[i])
+        grads = {g: e * sd.itemsize for g, e in rank_share.items()}
+        if options.zero is ZeroStage.GRADIENTS and grad_accum > 1:
+            grads[ENGINE_ROW] = overlap[r] * wd.itemsize
+        items += _items(Category.GRADIENTS, Place.HOST, grads)
+        # the 16-bit staging copy of the partition (L566-L576) and the temp grad buffers of the
+        # largest parameter, one pinned on the host and one on the GPU (L653-L661)
+        items += _items(Category.BUFFERS, Place.HOST, {ENGINE_ROW: (part + largest) * wd.itemsize})
+        items += _items(Category.BUFFERS, Place.GPU, {ENGINE_ROW: largest * wd.itemsize})
+        return items
+    if options.zero is ZeroStage.GRADIENTS:
+        # grads_in_partition (G_r, one buffer) + averaged_gradients' zero pad, alive from the end of
+        # backward to step(); with gas > 1 the previous micro-steps' partition stays beside it.
+        per_rank = [(overlap[r] * (2 if grad_accum > 1 else 1) + pads[r]) for r in range(world_size)]
+    else:
+        # ZeRO-1: every full 16-bit .grad lives until the boundary reduction (engine.py L3089-L3092).
+        per_rank = [sum(p.numel for p in trained)] * world_size
+    grad_elems = max(per_rank)
+    items += _items(Category.GRADIENTS, Place.GPU, _spread(grad_elems * wd.itemsize, share))
+    if options.zero is ZeroStage.GRADIENTS or options.zero is ZeroStage.OPTIMIZER_STATES:
+        # IPG bucket(s), reduce_bucket_size elements each, while backward runs (x2 with overlap_comm)
+        buckets = 2 if zero.overlap_comm else 1
+        items += _items(Category.BUFFERS, Place.GPU, {ENGINE_ROW: buckets * zero.reduce_bucket_size * wd.itemsize})
     return items
 
 
-def _zero12_gradient_items(trained, share, partition, options, wd, sd) -> list[Item]:
-    if options.offload_optimizer is not Offload.NONE:
-        # The fp32 partition's .grad on the host (single_partition_of_fp32_groups[i].grad).
-        return _items(Category.GRADIENTS, Place.HOST, {g: e * sd.itemsize for g, e in share.items()})
-    if options.zero is ZeroStage.GRADIENTS:
-        # averaged_gradients: this rank's partition of the reduced gradients.
-        return _items(Category.GRADIENTS, Place.GPU, {g: e * wd.itemsize for g, e in share.items()})
-    # ZeRO-1: every parameter's full .grad lives until the boundary reduce-scatter.
-    return _items(Category.GRADIENTS, Place.GPU, _by_group(trained, lambda p: p.numel * wd.itemsize))
-
-
 def _zero3_items(params: Sequence[Param], options: TrainingOptions, world_size: int, zero: ZeroSettings) -> list[Item]:
-    """ZeRO-3 (partition_parameters.py, stage3.py). Every parameter, trained or frozen, is split
-    into ``ceil(numel / world_size)``-element partitions (``_padding_size``); small parameters
-    below the persistence threshold also stay whole on every GPU."""
-    wd = working_dtype(options)
-    sd = state_dtype(options)
-    impl = options.optimizer_impl
+    """ZeRO-3 (partition_parameters.py, stage3.py; docs/zero-internals.md section 7). Every
+    parameter, trained or frozen, is split into ``ceil(numel / world)``-element partitions
+    (``_padding_size``); parameters of at most ``param_persistence_threshold`` elements also
+    stay gathered on every GPU, in a buffer padded to a multiple of the world size."""
+    wd, sd, impl = working_dtype(options), state_dtype(options), options.optimizer_impl
     trained = [p for p in params if p.trainable]
+    frozen = [p for p in params if not p.trainable]
 
     def part(p: Param) -> int:
         return ceil_div(p.numel, world_size)
 
-    param_place = {Offload.NONE: Place.GPU, Offload.CPU: Place.HOST, Offload.NVME: Place.NVME}[options.offload_param]
-    opt_place = {Offload.NONE: Place.GPU, Offload.CPU: Place.HOST, Offload.NVME: Place.NVME}[options.offload_optimizer]
-    items = _items(Category.WEIGHTS, param_place, _by_group(params, lambda p: part(p) * wd.itemsize))
-    persistent = [p for p in params if p.numel < zero.param_persistence_threshold]
-    items += _items(Category.WEIGHTS, Place.GPU, _by_group(persistent, lambda p: p.numel * wd.itemsize))
+    def persistent(p: Param) -> bool:
+        return p.numel <= zero.param_persistence_threshold
+
+    param_place = _place(options.offload_param)
+    opt_place = _place(options.offload_optimizer)
+    offload_opt = options.offload_optimizer is not Offload.NONE
+    # Trainable partitions: lp_param_buffer on the GPU, or one pinned host buffer with offload_param.
+    items = _items(Category.WEIGHTS, param_place, _by_group(trained, lambda p: part(p) * wd.itemsize))
+    # Frozen partitions: on the offload device unless persistent (those stay on the GPU).
+    items += _items(Category.WEIGHTS, param_place,
+                    _by_group([p for p in frozen if not persistent(p)], lambda p: part(p) * wd.itemsize))
+    items += _items(Category.WEIGHTS, Place.GPU,
+                    _by_group([p for p in frozen if persistent(p)], lambda p: part(p) * wd.itemsize))
+    # Persistent parameters' gathered copies, ceil_to(n, world) elements each (L1376-L1402).
+    items += _items(Category.WEIGHTS, Place.GPU,
+                    _by_group([p for p in params if persistent(p)], lambda p: round_up(p.numel, world_size) * wd.itemsize))
     share = _by_group(trained, part)
-    # fp32_partitioned_groups_flat: shared with the 16-bit partition when dtypes and device match.
-    master_is_copy = sd != wd or options.offload_optimizer is not Offload.NONE
-    if master_is_copy:
+    total = sum(share.values())
+    # fp32_partitioned_groups_flat is the 16-bit partition itself when dtypes and device match
+    # (stage3.py L1162-L1167), e.g. fp32 or pure bf16 without optimizer offload.
+    if sd != wd or offload_opt:
         items += _items(Category.MASTER_WEIGHTS, opt_place, {g: e * sd.itemsize for g, e in share.items()})
-    total_state = optimizer_state_bytes((sum(share.values()),), impl, sd)
-    items += _items(Category.OPTIMIZER_STATES, opt_place, _spread(total_state, share))
-    # grad_partitions_flat_buffer: gradient_accumulation_dtype (= model dtype unless set), on the
-    # optimizer's device (pinned host memory when offloaded).
-    grad_dtype = sd if options.offload_optimizer is not Offload.NONE else wd
-    grad_place = Place.HOST if options.offload_optimizer is not Offload.NONE else Place.GPU
-    items += _items(Category.GRADIENTS, grad_place, {g: e * grad_dtype.itemsize for g, e in share.items()})
+    items += _items(Category.OPTIMIZER_STATES, opt_place, _spread(optimizer_state_bytes((total,), impl, sd), share))
+    # grad_partitions_flat_buffer in the gradient-accumulation dtype (= model dtype), on the
+    # optimizer's device; offloaded, the master partition's .grad adds sd bytes (L761-L803, L1337).
+    grad_bytes = wd.itemsize + (sd.itemsize if offload_opt else 0)
+    items += _items(Category.GRADIENTS, opt_place, {g: e * grad_bytes for g, e in share.items()})
+    if zero.contiguous_gradients:  # the IPG buffer, persistent, on the GPU (L779-L784)
+        items += _items(Category.BUFFERS, Place.GPU, {ENGINE_ROW: zero.reduce_bucket_size * wd.itemsize})
     return items
 
 
-def _deepspeed_stage0_items(params: Sequence[Param], options: TrainingOptions, world_size: int) -> list[Item]:
-    """DeepSpeed without ZeRO: a 16-bit wrapper (FP16_Optimizer / bf16) keeps a full fp32 master
+def _deepspeed_stage0_items(params: Sequence[Param], options: TrainingOptions) -> list[Item]:
+    """DeepSpeed without ZeRO (docs/zero-internals.md section 6): 16-bit runs wrap the optimizer
+    in FP16_Optimizer (bf16 too), which keeps an unpadded flat 16-bit copy, a full fp32 master
     and full optimizer states on every rank; fp32 runs the bare optimizer on the module."""
-    wd = working_dtype(options)
-    impl = options.optimizer_impl
+    wd, impl = working_dtype(options), options.optimizer_impl
     trained = [p for p in params if p.trainable]
     items = _items(Category.WEIGHTS, Place.GPU, _by_group(params, lambda p: p.numel * wd.itemsize))
     items += _items(Category.GRADIENTS, Place.GPU, _by_group(trained, lambda p: p.numel * wd.itemsize))
     if wd is not DType.FP32:
         items += _items(Category.MASTER_WEIGHTS, Place.GPU, _by_group(trained, lambda p: p.numel * DType.FP32.itemsize))
-    items += _items(Category.OPTIMIZER_STATES, Place.GPU,
-                    _by_group(trained, lambda p: optimizer_state_bytes((p.numel,), impl, DType.FP32)))
+        total = sum(p.numel for p in trained)
+        states = _spread(optimizer_state_bytes((total,), impl, DType.FP32), _by_group(trained, lambda p: p.numel))
+    else:
+        states = _by_group(trained, lambda p: optimizer_state_bytes((p.numel,), impl, DType.FP32))
+    items += _items(Category.OPTIMIZER_STATES, Place.GPU, states)
     return items
