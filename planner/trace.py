@@ -747,7 +747,7 @@ def _worker() -> int:
             note = _enable_fake_cuda()
             if note:
                 notes.append(note)
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             dev = "cpu"
             notes.append(f"fake CUDA impossible ({exc}); traced on cpu: CPU autocast lists, CPU sdpa, "
                          "no 512-byte rounding")
