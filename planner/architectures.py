@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class TensorKind(str, Enum):
+class TensorKind(StrEnum):
     """What a parameter tensor belongs to; LoRA targets linears, Adafactor factors matrices."""
 
     LINEAR = "linear"  # weight of an nn.Linear: shape (out_features, in_features)
@@ -25,7 +25,7 @@ class TensorKind(str, Enum):
     OTHER = "other"  # free nn.Parameter (queries, position tables, packed attention weights)
 
 
-class Part(str, Enum):
+class Part(StrEnum):
     """Where a tensor sits in a group. Decoder LLMs split into four parts that ZeRO-3 and LoRA
     treat differently; every other group is one part, ``WHOLE``."""
 
@@ -96,8 +96,9 @@ class _Emitter:
         if bias:
             self.tensors.append(TensorSpec(f"{name}.bias", (dim,), TensorKind.BIAS, part))
 
-    def add(self, name: str, shape: tuple[int, ...], kind: TensorKind, part: Part = Part.WHOLE,
-            requires_grad: bool = True) -> None:
+    def add(
+        self, name: str, shape: tuple[int, ...], kind: TensorKind, part: Part = Part.WHOLE, requires_grad: bool = True
+    ) -> None:
         self.tensors.append(TensorSpec(name, shape, kind, part, requires_grad))
 
 
@@ -302,9 +303,13 @@ def chattts_tensors(cfg: Mapping[str, Any]) -> list[TensorSpec]:
         e.linear(f"{q}.project_in", group_dim, _FSQ_CODE_DIM, True)
         e.linear(f"{q}.project_out", _FSQ_CODE_DIM, group_dim, True)
     backbone = {
-        "model_type": "llama", "vocab_size": _CHATTTS_BACKBONE_VOCAB, "hidden_size": hidden,
-        "intermediate_size": _req(cfg, "intermediate_size"), "num_hidden_layers": _req(cfg, "num_hidden_layers"),
-        "num_attention_heads": _req(cfg, "num_attention_heads"), "tie_word_embeddings": True,
+        "model_type": "llama",
+        "vocab_size": _CHATTTS_BACKBONE_VOCAB,
+        "hidden_size": hidden,
+        "intermediate_size": _req(cfg, "intermediate_size"),
+        "num_hidden_layers": _req(cfg, "num_hidden_layers"),
+        "num_attention_heads": _req(cfg, "num_attention_heads"),
+        "tie_word_embeddings": True,
     }
     # A LlamaModel: the decoder's tensors without an lm_head (tied => not listed), all in one part.
     e.tensors += [TensorSpec(t.name, t.shape, t.kind) for t in decoder_tensors(backbone)]

@@ -21,8 +21,8 @@ from planner.units import parse_size
 DEFAULT_MODEL = "minicpm-o-2.6"
 DEFAULT_GPUS = "2x3090"
 # The reference report (shared/reference/minicpm-o.md): MiniCPM-o's own script never builds the
-# audio encoder, its projector or the TTS (init_audio=False, init_tts=False), the vision tower is frozen (--tune_vision false), the LLM and the
-# resampler are trained.
+# audio encoder, its projector or the TTS (init_audio=False, init_tts=False); the vision tower is
+# frozen (--tune_vision false); the LLM and the resampler are trained.
 REFERENCE_GROUPS = {"without": ("apm", "audio_projection_layer", "tts"), "freeze": ("vpm",)}
 
 
@@ -96,14 +96,29 @@ Examples:
 
 
 @main.command(epilog=ESTIMATE_EPILOG)
-@click.option("--model", default=None, help=f"Profile name, hub id or local config.json (or its folder). [default: {DEFAULT_MODEL}]")
-@click.option("--gpus", default=None, help="GPUS like 2x3090, 8xa100-80g, 2x8xh100 (nodes x GPUs per node), or auto. [default: auto, else 2x3090]")
+@click.option(
+    "--model",
+    default=None,
+    help=f"Profile name, hub id or local config.json (or its folder). [default: {DEFAULT_MODEL}]",
+)
+@click.option(
+    "--gpus",
+    default=None,
+    help="GPUS like 2x3090, 8xa100-80g, 2x8xh100 (nodes x GPUs per node), or auto. [default: auto, else 2x3090]",
+)
 @click.option("--host-ram", callback=_size, help="Host RAM per node, e.g. 128GiB. [default: this machine's]")
 @click.option("--engine", type=click.Choice(["torch", "deepspeed"]), default="deepspeed", show_default=True)
-@click.option("--zero", type=click.Choice(["0", "1", "2", "3"]), default="3", show_default=True, help="DeepSpeed ZeRO stage.")
+@click.option(
+    "--zero", type=click.Choice(["0", "1", "2", "3"]), default="3", show_default=True, help="DeepSpeed ZeRO stage."
+)
 @click.option("--offload-optimizer", type=click.Choice(["none", "cpu", "nvme"]), default="cpu", show_default=True)
 @click.option("--offload-param", type=click.Choice(["none", "cpu", "nvme"]), default="cpu", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "amp-bf16", "amp-fp16", "pure-bf16"]), default="amp-bf16", show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "amp-bf16", "amp-fp16", "pure-bf16"]),
+    default="amp-bf16",
+    show_default=True,
+)
 @click.option(
     "--optimizer",
     type=click.Choice(["adamw", "adamw-forloop", "adamw-foreach", "adamw-fused", "adamw-8bit", "adafactor", "sgd"]),
@@ -111,26 +126,62 @@ Examples:
     show_default=True,
     help="adamw = the engine's default (torch: fused AdamW; DeepSpeed: FusedAdam, or CPU Adam when offloaded).",
 )
-@click.option("--train", multiple=True, callback=_names, help="Train only these groups/parts (e.g. llm,resampler); the rest is frozen.")
-@click.option("--freeze", multiple=True, callback=_names, help="Freeze these groups/parts (e.g. vpm or llm.embed_tokens).")
-@click.option("--without", multiple=True, callback=_names, help="Groups the training script never builds (e.g. apm,tts).")
+@click.option(
+    "--train",
+    multiple=True,
+    callback=_names,
+    help="Train only these groups/parts (e.g. llm,resampler); the rest is frozen.",
+)
+@click.option(
+    "--freeze", multiple=True, callback=_names, help="Freeze these groups/parts (e.g. vpm or llm.embed_tokens)."
+)
+@click.option(
+    "--without", multiple=True, callback=_names, help="Groups the training script never builds (e.g. apm,tts)."
+)
 @click.option("--lora-rank", type=click.IntRange(min=1), default=None, help="Train LoRA adapters of this rank (peft).")
-@click.option("--lora-targets", multiple=True, callback=_names, help="Linear names to adapt [default: q_proj,k_proj,v_proj,o_proj]; all-linear for all.")
+@click.option(
+    "--lora-targets",
+    multiple=True,
+    callback=_names,
+    help="Linear names to adapt [default: q_proj,k_proj,v_proj,o_proj]; all-linear for all.",
+)
 @click.option("--lora-groups", multiple=True, callback=_names, help="Groups that get adapters [default: the LLM].")
-@click.option("--micro-batch", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per GPU per micro-step.")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-steps per optimizer step.")
-@click.option("--seq-len", type=click.IntRange(min=1), default=1024, show_default=True, help="Tokens per sample (context length).")
+@click.option(
+    "--micro-batch", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per GPU per micro-step."
+)
+@click.option(
+    "--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-steps per optimizer step."
+)
+@click.option(
+    "--seq-len", type=click.IntRange(min=1), default=1024, show_default=True, help="Tokens per sample (context length)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 @profiles_dir_option
 @user_errors
-def estimate(model: str | None, gpus: str | None, host_ram: int | None, engine: str, zero: str,
-             offload_optimizer: str, offload_param: str, precision: str, optimizer: str,
-             train: tuple[str, ...] | None, freeze: tuple[str, ...] | None, without: tuple[str, ...] | None,
-             lora_rank: int | None, lora_targets: tuple[str, ...] | None, lora_groups: tuple[str, ...] | None,
-             micro_batch: int, grad_accum: int, seq_len: int, as_json: bool, profiles_dirs: tuple[Path, ...]) -> None:
+def estimate(
+    model: str | None,
+    gpus: str | None,
+    host_ram: int | None,
+    engine: str,
+    zero: str,
+    offload_optimizer: str,
+    offload_param: str,
+    precision: str,
+    optimizer: str,
+    train: tuple[str, ...] | None,
+    freeze: tuple[str, ...] | None,
+    without: tuple[str, ...] | None,
+    lora_rank: int | None,
+    lora_targets: tuple[str, ...] | None,
+    lora_groups: tuple[str, ...] | None,
+    micro_batch: int,
+    grad_accum: int,
+    seq_len: int,
+    as_json: bool,
+    profiles_dirs: tuple[Path, ...],
+) -> None:
     """Estimate the memory of one training setup, per GPU and per host."""
     from planner.estimate import estimate as run_estimate
-    from planner.hardware import make_cluster
     from planner.options import LoraOptions, TrainingOptions
     from planner.profile import load_catalog
     from planner.workload import Workload
@@ -139,20 +190,32 @@ def estimate(model: str | None, gpus: str | None, host_ram: int | None, engine: 
     notes = []
     if model is None and train is None and freeze is None and without is None and lora_rank is None:
         without, freeze = REFERENCE_GROUPS["without"], REFERENCE_GROUPS["freeze"]
-        notes.append(f"no --model: planning the reference setup: {DEFAULT_MODEL} as its finetune.py builds it"
-                     " (without apm, audio_projection_layer, tts), vpm frozen, LLM and resampler trained")
+        notes.append(
+            f"no --model: planning the reference setup: {DEFAULT_MODEL} as its finetune.py builds it"
+            " (without apm, audio_projection_layer, tts), vpm frozen, LLM and resampler trained"
+        )
     spec = load_model(model or DEFAULT_MODEL, catalog)
     cluster = _cluster(gpus, catalog, host_ram, notes)
     if engine == "torch" and (zero, offload_optimizer, offload_param) == ("3", "cpu", "cpu"):
         zero, offload_optimizer, offload_param = "0", "none", "none"  # the DeepSpeed defaults do not apply
     lora = None
     if lora_rank is not None:
-        lora = LoraOptions(rank=lora_rank, **({"targets": lora_targets} if lora_targets else {}), groups=lora_groups or ())
+        lora = LoraOptions(
+            rank=lora_rank, **({"targets": lora_targets} if lora_targets else {}), groups=lora_groups or ()
+        )
     elif lora_targets or lora_groups:
         raise UserError("--lora-targets and --lora-groups need --lora-rank")
     options = TrainingOptions(
-        engine=engine, zero=int(zero), offload_optimizer=offload_optimizer, offload_param=offload_param,
-        precision=precision, optimizer=optimizer, train=train, freeze=freeze or (), without=without or (), lora=lora,
+        engine=engine,
+        zero=int(zero),
+        offload_optimizer=offload_optimizer,
+        offload_param=offload_param,
+        precision=precision,
+        optimizer=optimizer,
+        train=train,
+        freeze=freeze or (),
+        without=without or (),
+        lora=lora,
     )
     workload = Workload(micro_batch=micro_batch, grad_accum=grad_accum, seq_len=seq_len)
     est = run_estimate(spec, cluster, options, workload, notes=notes)
@@ -160,8 +223,16 @@ def estimate(model: str | None, gpus: str | None, host_ram: int | None, engine: 
 
     title = f"{spec.name} on {cluster.label}, {_describe(options)}"
     if as_json:
-        doc = render.estimate_json(est, {"model": spec.name, "gpus": cluster.label, "world_size": cluster.world_size,
-                                         "options": json.loads(options.model_dump_json()), "workload": workload.model_dump()})
+        doc = render.estimate_json(
+            est,
+            {
+                "model": spec.name,
+                "gpus": cluster.label,
+                "world_size": cluster.world_size,
+                "options": json.loads(options.model_dump_json()),
+                "workload": workload.model_dump(),
+            },
+        )
         click.echo(json.dumps(doc, indent=2))
     else:
         render.console().print(render.estimate_view(est, title))
@@ -216,10 +287,10 @@ def profiles(ctx: click.Context, profiles_dirs: tuple[Path, ...]) -> None:
     """List the GPU and model profiles (shipped and your own)."""
     if ctx.invoked_subcommand is not None:
         return
+    from rich.table import Table
+
     from planner.profile import build_model, load_catalog
     from planner.render import console, count
-
-    from rich.table import Table
 
     catalog = load_catalog(profiles_dirs)
     models = Table(title="models", title_justify="left")
@@ -233,8 +304,14 @@ def profiles(ctx: click.Context, profiles_dirs: tuple[Path, ...]) -> None:
     for col in ("name", "GPU", "memory", "bf16 TFLOP/s", "NVLink GB/s", "PCIe"):
         gpus.add_column(col)
     for g in sorted(catalog.gpus.values(), key=lambda g: (g.memory_mib, g.name)):
-        gpus.add_row(g.name, g.full_name, f"{g.memory_mib} MiB", f"{g.bf16_tflops:g}" if g.bf16 else "no bf16",
-                     f"{g.nvlink_gbps:g}" if g.nvlink_gbps else "-", f"gen{g.pcie_gen} x{g.pcie_lanes}")
+        gpus.add_row(
+            g.name,
+            g.full_name,
+            f"{g.memory_mib} MiB",
+            f"{g.bf16_tflops:g}" if g.bf16 else "no bf16",
+            f"{g.nvlink_gbps:g}" if g.nvlink_gbps else "-",
+            f"gen{g.pcie_gen} x{g.pcie_lanes}",
+        )
     out = console()
     out.print(models)
     out.print(gpus)

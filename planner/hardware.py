@@ -62,8 +62,12 @@ def parse_gpus(spec: str, catalog: Catalog) -> tuple[int, int, GpuSpec]:
     while len(counts) < 2 and (m := _COUNT_RE.match(rest)):
         counts.append(int(m.group(1)))
         rest = m.group(2).strip()
-    if (not rest or _COUNT_RE.match(rest) or re.fullmatch(r"\d+\s*[x*]", rest)
-            or not re.fullmatch(r"[a-z0-9][a-z0-9._ -]*", rest)):
+    if (
+        not rest
+        or _COUNT_RE.match(rest)
+        or re.fullmatch(r"\d+\s*[x*]", rest)
+        or not re.fullmatch(r"[a-z0-9][a-z0-9._ -]*", rest)
+    ):
         raise ProfileError(f"--gpus {spec!r} is malformed; expected e.g. 2x3090, 8xa100-80g, 2x8xh100 or auto")
     nodes, per_node = (counts[0], counts[1]) if len(counts) == 2 else (1, counts[0] if counts else 1)
     if nodes < 1 or per_node < 1:

@@ -45,7 +45,7 @@ def _kind(module: object, pname: str) -> TensorKind:
 
 
 def _part(name: str, llm_prefix: str) -> Part:
-    rest = name[len(llm_prefix):].lstrip(".") if llm_prefix else name
+    rest = name[len(llm_prefix) :].lstrip(".") if llm_prefix else name
     if name.startswith("lm_head.") or rest.startswith("lm_head."):
         return Part.LM_HEAD
     if rest.startswith("embed_tokens.") or rest.startswith("wte."):
@@ -76,7 +76,7 @@ def model_from_config(path: str | Path) -> ModelSpec:
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{cfg_path}: not valid JSON: {exc.msg} (line {exc.lineno})") from None
     if not isinstance(raw, dict) or "model_type" not in raw:
-        raise ProfileError(f"{cfg_path}: not a Hugging Face config (no \"model_type\" field)")
+        raise ProfileError(f'{cfg_path}: not a Hugging Face config (no "model_type" field)')
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch

@@ -101,7 +101,9 @@ def image_layout(width: int, height: int, max_slice_nums: int, query_tokens: int
     cols, rows = grid
     thumb = best_resize(width, height, allow_upscale=False)
     # get_refine_size: each slice is best_resize of (width/cols, height/rows), upscaling allowed.
-    slice_size = best_resize(_ensure_divide(width, cols) / cols, _ensure_divide(height, rows) / rows, allow_upscale=True)
+    slice_size = best_resize(
+        _ensure_divide(width, cols) / cols, _ensure_divide(height, rows) / rows, allow_upscale=True
+    )
     crops = (thumb,) + (slice_size,) * (cols * rows)
     tokens = IMAGE_ID_TOKENS + per_crop + cols * rows * per_crop + (rows - 1)  # rows joined by "\n"
     return ImageLayout(grid, crops, tokens)

@@ -7,14 +7,14 @@ ZeroStage.OPTIMIZER_STATES`` reads like the ZeRO paper (Rajbhandari et al., 2020
 
 from __future__ import annotations
 
-from enum import Enum, IntEnum
+from enum import IntEnum, StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from planner.units import DType
 
 
-class Precision(str, Enum):
+class Precision(StrEnum):
     """What dtypes the step computes and stores in.
 
     ``amp-*``: mixed precision. Under plain PyTorch the weights stay fp32 and autocast casts on
@@ -34,7 +34,7 @@ class Precision(str, Enum):
         return {Precision.FP32: DType.FP32, Precision.AMP_FP16: DType.FP16}.get(self, DType.BF16)
 
 
-class Engine(str, Enum):
+class Engine(StrEnum):
     """Who runs the step: plain PyTorch (HF Trainer without DeepSpeed; DDP on several GPUs) or
     DeepSpeed."""
 
@@ -51,7 +51,7 @@ class ZeroStage(IntEnum):
     PARAMETERS = 3
 
 
-class Offload(str, Enum):
+class Offload(StrEnum):
     """Where DeepSpeed offloads a state to."""
 
     NONE = "none"
@@ -59,7 +59,7 @@ class Offload(str, Enum):
     NVME = "nvme"
 
 
-class Optimizer(str, Enum):
+class Optimizer(StrEnum):
     """Optimizer as the user names it; ``ADAMW`` means the engine's default AdamW."""
 
     ADAMW = "adamw"
@@ -71,7 +71,7 @@ class Optimizer(str, Enum):
     SGD = "sgd"
 
 
-class OptimizerImpl(str, Enum):
+class OptimizerImpl(StrEnum):
     """The implementation that actually runs, after the engine's defaults are applied."""
 
     TORCH_ADAMW_FORLOOP = "torch.optim.AdamW(foreach=False)"
@@ -133,7 +133,11 @@ class TrainingOptions(BaseModel):
             raise ValueError("--offload-optimizer needs --zero 1, 2 or 3")
         if self.offload_optimizer is Offload.NVME and self.zero is not ZeroStage.PARAMETERS:
             raise ValueError("--offload-optimizer nvme needs --zero 3 (ZeRO-Infinity)")
-        if self.engine is Engine.DEEPSPEED and self.precision is Precision.PURE_BF16 and self.zero is ZeroStage.DISABLED:
+        if (
+            self.engine is Engine.DEEPSPEED
+            and self.precision is Precision.PURE_BF16
+            and self.zero is ZeroStage.DISABLED
+        ):
             raise ValueError("pure-bf16 under DeepSpeed needs ZeRO 1, 2 or 3 (bf16_master_weights_and_grads)")
         if self.offload_optimizer is not Offload.NONE and self.optimizer not in (Optimizer.ADAMW,):
             raise ValueError(

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console, Group as RichGroup
+from rich.console import Console
+from rich.console import Group as RichGroup
 from rich.table import Table
 from rich.text import Text
 
@@ -116,10 +117,15 @@ def verdict(est: Estimate) -> Text:
     budget = est.per_gpu if est.binding == "gpu" else est.host
     where = "per GPU" if est.binding == "gpu" else "host RAM per node"
     if est.fits:
-        return Text(f"FITS: {where} is the binding budget, {gib(budget.free_bytes)} left "
-                    f"({budget.free_bytes / budget.capacity_bytes:.0%} of {gib(budget.capacity_bytes)}).", style="bold green")
+        return Text(
+            f"FITS: {where} is the binding budget, {gib(budget.free_bytes)} left "
+            f"({budget.free_bytes / budget.capacity_bytes:.0%} of {gib(budget.capacity_bytes)}).",
+            style="bold green",
+        )
     over = [(name, b) for name, b in (("per GPU", est.per_gpu), ("host RAM per node", est.host)) if not b.fits]
-    parts = ", ".join(f"{name} needs {gib(b.total_bytes)} of {gib(b.capacity_bytes)} ({gib(-b.free_bytes)} over)" for name, b in over)
+    parts = ", ".join(
+        f"{name} needs {gib(b.total_bytes)} of {gib(b.capacity_bytes)} ({gib(-b.free_bytes)} over)" for name, b in over
+    )
     return Text(f"DOES NOT FIT: {parts}; binding: {where}.", style="bold red")
 
 

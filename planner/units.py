@@ -6,7 +6,7 @@ The estimator works in bytes and element counts throughout; only `render` turns 
 from __future__ import annotations
 
 import re
-from enum import Enum
+from enum import StrEnum
 
 KIB = 1024
 MIB = 1024**2
@@ -14,7 +14,7 @@ GIB = 1024**3
 TIB = 1024**4
 
 
-class DType(str, Enum):
+class DType(StrEnum):
     """Storage dtypes the ledger distinguishes."""
 
     FP32 = "fp32"

@@ -71,7 +71,9 @@ def _parse_selection(names: Iterable[str], model: ModelSpec, flag: str) -> set[t
         except ValueError:
             part = None
         if part is None or (part not in group.parts and not (part is Part.LM_HEAD and group.tied_lm_head)):
-            raise ProfileError(f"{flag}: group {group_name!r} has no part {part_name!r}; {close_matches(name, choices)}")
+            raise ProfileError(
+                f"{flag}: group {group_name!r} has no part {part_name!r}; {close_matches(name, choices)}"
+            )
         out.add((group_name, part))
     return out
 
@@ -113,7 +115,9 @@ def trainable_inventory(model: ModelSpec, options: TrainingOptions) -> list[Para
         lora_groups = set(lora.groups) or {g.name for g in model.groups if g.kind == "decoder"}
         unknown = lora_groups - {g.name for g in model.groups}
         if unknown:
-            raise ProfileError(f"--lora-groups: no group {sorted(unknown)[0]!r}; {close_matches(sorted(unknown)[0], [g.name for g in model.groups])}")
+            name = sorted(unknown)[0]
+            hint = close_matches(name, [g.name for g in model.groups])
+            raise ProfileError(f"--lora-groups: no group {name!r}; {hint}")
         lora_groups -= without
 
     params: list[Param] = []
@@ -137,11 +141,24 @@ def trainable_inventory(model: ModelSpec, options: TrainingOptions) -> list[Para
             if group.name in lora_groups and _lora_matches(t, lora):
                 out_f, in_f = t.shape
                 stem = t.name.removesuffix(".weight")
-                params.append(Param(group.name, TensorSpec(f"{stem}.lora_A.weight", (lora.rank, in_f), TensorKind.LINEAR, t.part), True, Origin.LORA))
-                params.append(Param(group.name, TensorSpec(f"{stem}.lora_B.weight", (out_f, lora.rank), TensorKind.LINEAR, t.part), True, Origin.LORA))
+                params.append(
+                    Param(
+                        group.name,
+                        TensorSpec(f"{stem}.lora_A.weight", (lora.rank, in_f), TensorKind.LINEAR, t.part),
+                        True,
+                        Origin.LORA,
+                    )
+                )
+                params.append(
+                    Param(
+                        group.name,
+                        TensorSpec(f"{stem}.lora_B.weight", (out_f, lora.rank), TensorKind.LINEAR, t.part),
+                        True,
+                        Origin.LORA,
+                    )
+                )
                 adapters += 1
     if lora is not None and adapters == 0:
-        raise ProfileError(
-            f"--lora-targets {','.join(lora.targets)} matches no linear layer in {', '.join(sorted(lora_groups)) or 'any group'}"
-        )
+        where = ", ".join(sorted(lora_groups)) or "any group"
+        raise ProfileError(f"--lora-targets {','.join(lora.targets)} matches no linear layer in {where}")
     return params

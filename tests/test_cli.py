@@ -9,9 +9,17 @@ from click.testing import CliRunner
 
 from planner.cli import main
 
-TINY_QWEN = {"model_type": "qwen2", "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-             "tie_word_embeddings": True, "architectures": ["Qwen2ForCausalLM"]}
+TINY_QWEN = {
+    "model_type": "qwen2",
+    "vocab_size": 512,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
+    "architectures": ["Qwen2ForCausalLM"],
+}
 
 
 def run(*args: str):
@@ -55,8 +63,20 @@ def test_table_output_names_the_binding_budget():
 
 def test_model_from_config_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(TINY_QWEN))
-    result = run("estimate", "--model", str(tmp_path), "--gpus", "1x4090", "--host-ram", "8GiB",
-                 "--engine", "torch", "--precision", "pure-bf16", "--json")
+    result = run(
+        "estimate",
+        "--model",
+        str(tmp_path),
+        "--gpus",
+        "1x4090",
+        "--host-ram",
+        "8GiB",
+        "--engine",
+        "torch",
+        "--precision",
+        "pure-bf16",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
     (llm,) = doc["groups"]
@@ -72,20 +92,23 @@ def test_model_from_config_json(tmp_path):
     assert doc["per_gpu"]["total_bytes"] == n * (2 + 2 + 4) + 4 * steps
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--gpus", "2x3099"], "unknown GPU '3099'; did you mean 3090"),
-    (["--gpus", "2x"], "malformed"),
-    (["--gpus", "2x8x4xh100"], "malformed"),
-    (["--gpus", "2x(3090)"], "malformed"),
-    (["--gpus", "0x3090"], "at least 1"),
-    (["--model", "qwen2.5-7"], "did you mean"),
-    (["--host-ram", "-5GiB"], "must not be negative"),
-    (["--host-ram", "lots"], "not a size"),
-    (["--zero", "2", "--offload-param", "cpu"], "needs --zero 3"),
-    (["--engine", "torch", "--zero", "2", "--offload-optimizer", "none", "--offload-param", "none"], "ZeRO needs"),
-    (["--lora-targets", "q_proj"], "need --lora-rank"),
-    (["--freeze", "vision"], "has no group 'vision'"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gpus", "2x3099"], "unknown GPU '3099'; did you mean 3090"),
+        (["--gpus", "2x"], "malformed"),
+        (["--gpus", "2x8x4xh100"], "malformed"),
+        (["--gpus", "2x(3090)"], "malformed"),
+        (["--gpus", "0x3090"], "at least 1"),
+        (["--model", "qwen2.5-7"], "did you mean"),
+        (["--host-ram", "-5GiB"], "must not be negative"),
+        (["--host-ram", "lots"], "not a size"),
+        (["--zero", "2", "--offload-param", "cpu"], "needs --zero 3"),
+        (["--engine", "torch", "--zero", "2", "--offload-optimizer", "none", "--offload-param", "none"], "ZeRO needs"),
+        (["--lora-targets", "q_proj"], "need --lora-rank"),
+        (["--freeze", "vision"], "has no group 'vision'"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(args, message):
     result = CliRunner().invoke(main, ["estimate", "--host-ram", "64GiB", *args])
     assert result.exit_code == 2, result.output
@@ -100,10 +123,12 @@ def test_broken_config_json(tmp_path):
     assert result.exit_code == 2 and "not valid JSON" in result.output
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 3}))
     result = CliRunner().invoke(main, ["estimate", "--model", str(tmp_path), "--gpus", "2x3090", "--host-ram", "8GiB"])
-    assert result.exit_code == 2 and "no \"model_type\"" in result.output
+    assert result.exit_code == 2 and 'no "model_type"' in result.output
     for broken in ({"model_type": "no-such-architecture"}, {"model_type": "qwen2", "num_hidden_layers": "many"}):
         (tmp_path / "config.json").write_text(json.dumps(broken))
-        result = CliRunner().invoke(main, ["estimate", "--model", str(tmp_path), "--gpus", "2x3090", "--host-ram", "8GiB"])
+        result = CliRunner().invoke(
+            main, ["estimate", "--model", str(tmp_path), "--gpus", "2x3090", "--host-ram", "8GiB"]
+        )
         assert result.exit_code == 2, result.output
         assert result.output.startswith("memplan: error:") and result.output.count("\n") == 1
 
@@ -115,7 +140,9 @@ def test_profiles_list_and_validate(tmp_path):
     result = run("profiles", "validate")
     assert result.exit_code == 0 and result.output.count("ok ") >= 8
     bad = tmp_path / "mine.toml"
-    bad.write_text('[[models]]\nname = "m"\nsource = "s"\nexpected_params = 5\n[[models.groups]]\nname = "g"\n'
-                   'kind = "mlp_projector"\n[models.groups.config]\nin_dim = 2\nhidden_dim = 2\nout_dim = 2\n')
+    bad.write_text(
+        '[[models]]\nname = "m"\nsource = "s"\nexpected_params = 5\n[[models.groups]]\nname = "g"\n'
+        'kind = "mlp_projector"\n[models.groups.config]\nin_dim = 2\nhidden_dim = 2\nout_dim = 2\n'
+    )
     result = CliRunner().invoke(main, ["profiles", "validate", str(bad)])
     assert result.exit_code == 2 and "add up to 12 parameters but expected_params says 5" in result.output

@@ -7,18 +7,21 @@ import pytest
 from planner.media import audio_layout, image_layout, sliced_grid
 
 
-@pytest.mark.parametrize(("size", "max_slices", "grid", "crops", "patches", "tokens"), [
-    # max_slice_nums 1: one crop of about 448^2 (about 1024 patches), 66 tokens for any image
-    ((640, 480), 1, None, 1, 1036, 66),
-    ((4000, 3000), 1, None, 1, 1036, 66),
-    # 640x480, max 9: grid 2x1, 3 crops, about 3064 patches, about 201 tokens
-    ((640, 480), 9, (2, 1), 3, 3064, 201),
-    # 1344x1344 or larger square: grid 3x3, 10 crops, 10240 patches, about 665 tokens
-    ((1344, 1344), 9, (3, 3), 10, 10240, 665),
-    ((2688, 2688), 9, (3, 3), 10, 10240, 665),
-    # a small image is upscaled to one crop
-    ((300, 200), 9, None, 1, 1014, 66),
-])
+@pytest.mark.parametrize(
+    ("size", "max_slices", "grid", "crops", "patches", "tokens"),
+    [
+        # max_slice_nums 1: one crop of about 448^2 (about 1024 patches), 66 tokens for any image
+        ((640, 480), 1, None, 1, 1036, 66),
+        ((4000, 3000), 1, None, 1, 1036, 66),
+        # 640x480, max 9: grid 2x1, 3 crops, about 3064 patches, about 201 tokens
+        ((640, 480), 9, (2, 1), 3, 3064, 201),
+        # 1344x1344 or larger square: grid 3x3, 10 crops, 10240 patches, about 665 tokens
+        ((1344, 1344), 9, (3, 3), 10, 10240, 665),
+        ((2688, 2688), 9, (3, 3), 10, 10240, 665),
+        # a small image is upscaled to one crop
+        ((300, 200), 9, None, 1, 1014, 66),
+    ],
+)
 def test_reference_examples(size, max_slices, grid, crops, patches, tokens):
     layout = image_layout(*size, max_slices)
     assert layout.grid == grid

@@ -54,10 +54,18 @@ def _state_bytes(opt) -> int:
 
 
 @pytest.mark.parametrize("dtype", [DType.FP32, DType.BF16], ids=lambda d: d.value)
-@pytest.mark.parametrize("impl", [
-    OptimizerImpl.TORCH_ADAMW_FORLOOP, OptimizerImpl.TORCH_ADAMW_FOREACH, OptimizerImpl.TORCH_ADAMW_FUSED,
-    OptimizerImpl.BNB_ADAMW_8BIT, OptimizerImpl.HF_ADAFACTOR, OptimizerImpl.TORCH_SGD,
-], ids=lambda i: i.name)
+@pytest.mark.parametrize(
+    "impl",
+    [
+        OptimizerImpl.TORCH_ADAMW_FORLOOP,
+        OptimizerImpl.TORCH_ADAMW_FOREACH,
+        OptimizerImpl.TORCH_ADAMW_FUSED,
+        OptimizerImpl.BNB_ADAMW_8BIT,
+        OptimizerImpl.HF_ADAFACTOR,
+        OptimizerImpl.TORCH_SGD,
+    ],
+    ids=lambda i: i.name,
+)
 def test_state_bytes_match_real_optimizer(impl, dtype):
     if impl is OptimizerImpl.BNB_ADAMW_8BIT:
         pytest.importorskip("bitsandbytes")

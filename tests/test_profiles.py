@@ -18,12 +18,38 @@ from planner.profile import build_model, builtin_profiles_dir, load_catalog, tom
 MODEL_FILES = toml_files(builtin_profiles_dir() / "models")
 MODELS = [(path.name, m["name"]) for path in MODEL_FILES for m in tomllib.loads(path.read_text())["models"]]
 REQUIRED_MODELS = {
-    "minicpm-o-2.6", "minicpm-v-2.6", "minicpm-llama3-v-2.5", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b",
-    "qwen2.5-7b", "qwen2.5-14b", "llama-3.1-8b", "llama-3.2-1b", "llama-3.2-3b", "mistral-7b", "gemma-2b",
-    "phi-3-mini", "qwen3-4b", "qwen3-8b",
+    "minicpm-o-2.6",
+    "minicpm-v-2.6",
+    "minicpm-llama3-v-2.5",
+    "qwen2.5-0.5b",
+    "qwen2.5-1.5b",
+    "qwen2.5-3b",
+    "qwen2.5-7b",
+    "qwen2.5-14b",
+    "llama-3.1-8b",
+    "llama-3.2-1b",
+    "llama-3.2-3b",
+    "mistral-7b",
+    "gemma-2b",
+    "phi-3-mini",
+    "qwen3-4b",
+    "qwen3-8b",
 }
-REQUIRED_GPUS = {"rtx3090", "rtx3090ti", "rtx4090", "rtxa6000", "a100-40gb", "a100-80gb", "h100-sxm", "h200", "l40s",
-                 "v100-16gb", "v100-32gb", "t4", "rtx2080ti"}
+REQUIRED_GPUS = {
+    "rtx3090",
+    "rtx3090ti",
+    "rtx4090",
+    "rtxa6000",
+    "a100-40gb",
+    "a100-80gb",
+    "h100-sxm",
+    "h200",
+    "l40s",
+    "v100-16gb",
+    "v100-32gb",
+    "t4",
+    "rtx2080ti",
+}
 
 
 def _real_module(kind: str, cfg: dict):
@@ -90,13 +116,17 @@ def test_minicpm_o_reference_counts(catalog):
 
 def test_bad_user_profiles_name_file_and_field(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text('[[gpus]]\nname = "x1"\nfull_name = "X"\narchitecture = "a"\ncompute_capability = "8.0"\n'
-                   'memory_mib = -5\nbf16 = true\nbf16_tflops = 1.0\nfp16_tflops = 1.0\nfp32_tflops = 1.0\n'
-                   'memory_bandwidth_gbps = 1.0\npcie_gen = 4\npcie_lanes = 16\nnvlink_gbps = 0.0\nsource = "s"\n')
+    bad.write_text(
+        '[[gpus]]\nname = "x1"\nfull_name = "X"\narchitecture = "a"\ncompute_capability = "8.0"\n'
+        "memory_mib = -5\nbf16 = true\nbf16_tflops = 1.0\nfp16_tflops = 1.0\nfp32_tflops = 1.0\n"
+        'memory_bandwidth_gbps = 1.0\npcie_gen = 4\npcie_lanes = 16\nnvlink_gbps = 0.0\nsource = "s"\n'
+    )
     with pytest.raises(ProfileError, match=r"bad.toml: gpus\[0\]\.memory_mib"):
         load_catalog([tmp_path])
-    bad.write_text('[[models]]\nname = "m"\nsource = "s"\n[[models.groups]]\nname = "llm"\nkind = "decoder"\n'
-                   'expected_params = 1\n[models.groups.config]\nmodel_type = "llama"\nvocab_size = 10\n')
+    bad.write_text(
+        '[[models]]\nname = "m"\nsource = "s"\n[[models.groups]]\nname = "llm"\nkind = "decoder"\n'
+        'expected_params = 1\n[models.groups.config]\nmodel_type = "llama"\nvocab_size = 10\n'
+    )
     with pytest.raises(ProfileError, match="missing required field 'hidden_size'"):
         build_model(load_catalog([tmp_path]).model("m"))
     bad.write_text("not toml = = =")

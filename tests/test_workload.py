@@ -9,17 +9,36 @@ from planner.options import LoraOptions, TrainingOptions
 from planner.profile import Group, ModelSpec
 from planner.workload import Origin, trainable_inventory
 
-LLM = dict(model_type="qwen2", vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-VPM = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, patch_size=14,
-           image_size=56, vision_use_head=False)
+LLM = dict(
+    model_type="qwen2",
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
+VPM = dict(
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    patch_size=14,
+    image_size=56,
+    vision_use_head=False,
+)
 
 
 def _spec() -> ModelSpec:
-    return ModelSpec("tiny-mm", "test", (
-        Group("llm", "decoder", tuple(build_tensors("decoder", LLM)), LLM),
-        Group("vpm", "siglip_vision", tuple(build_tensors("siglip_vision", VPM)), VPM),
-    ))
+    return ModelSpec(
+        "tiny-mm",
+        "test",
+        (
+            Group("llm", "decoder", tuple(build_tensors("decoder", LLM)), LLM),
+            Group("vpm", "siglip_vision", tuple(build_tensors("siglip_vision", VPM)), VPM),
+        ),
+    )
 
 
 def _real():
@@ -31,8 +50,7 @@ def _real():
         def __init__(self):
             super().__init__()
             self.llm = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**LLM))
-            self.vpm = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
-                **{k: v for k, v in VPM.items()}))
+            self.vpm = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**{k: v for k, v in VPM.items()}))
 
     with torch.device("meta"):
         return Composite()
@@ -49,11 +67,14 @@ def _ours(options: TrainingOptions) -> tuple[int, int]:
     return sum(p.numel for p in params), sum(p.numel for p in params if p.trainable)
 
 
-@pytest.mark.parametrize(("targets", "save"), [
-    (("q_proj", "k_proj", "v_proj", "o_proj"), ()),
-    (("q_proj", "v_proj"), ("llm.embed_tokens",)),
-    (("all-linear",), ("vpm",)),
-])
+@pytest.mark.parametrize(
+    ("targets", "save"),
+    [
+        (("q_proj", "k_proj", "v_proj", "o_proj"), ()),
+        (("q_proj", "v_proj"), ("llm.embed_tokens",)),
+        (("all-linear",), ("vpm",)),
+    ],
+)
 def test_lora_matches_peft(targets, save):
     """MiniCPM's finetune.py style: LoRA on the LLM only, modules_to_save copied and trained."""
     import peft
@@ -64,8 +85,9 @@ def test_lora_matches_peft(targets, save):
     else:
         target = r"llm\.model\.layers\.\d+\.self_attn\.(" + "|".join(targets) + ")"
     modules_to_save = [{"llm.embed_tokens": "embed_tokens", "vpm": "vpm"}[s] for s in save] or None
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=target,
-                                                         modules_to_save=modules_to_save))
+    wrapped = peft.get_peft_model(
+        model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=target, modules_to_save=modules_to_save)
+    )
     ours = _ours(TrainingOptions(lora=LoraOptions(rank=8, targets=targets), train=save or None))
     assert ours == _counts(wrapped)
 

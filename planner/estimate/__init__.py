@@ -18,8 +18,14 @@ from planner.workload import Workload, trainable_inventory
 __all__ = ["estimate", "Estimate"]
 
 
-def estimate(model: ModelSpec, cluster: Cluster, options: TrainingOptions, workload: Workload,
-             zero: ZeroSettings | None = None, notes: Iterable[str] = ()) -> Estimate:
+def estimate(
+    model: ModelSpec,
+    cluster: Cluster,
+    options: TrainingOptions,
+    workload: Workload,
+    zero: ZeroSettings | None = None,
+    notes: Iterable[str] = (),
+) -> Estimate:
     """Estimate one training setup: per-GPU bytes for the most loaded rank, host bytes per node.
 
     Args:
@@ -36,6 +42,8 @@ def estimate(model: ModelSpec, cluster: Cluster, options: TrainingOptions, workl
     group_params: dict[str, tuple[int, int]] = {}
     for p in params:
         total, trained = group_params.get(p.group, (0, 0))
-        group_params[p.group] = (total + (p.numel if p.origin != "lora" and p.origin != "copy" else 0),
-                                 trained + (p.numel if p.trainable else 0))
+        group_params[p.group] = (
+            total + (p.numel if p.origin != "lora" and p.origin != "copy" else 0),
+            trained + (p.numel if p.trainable else 0),
+        )
     return assemble(items, group_params, cluster.gpus_per_node, cluster.gpu_memory_bytes, cluster.host_ram_bytes, notes)

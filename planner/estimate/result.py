@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class Category(str, Enum):
+class Category(StrEnum):
     """What a byte is for. Order is the order of the table's columns."""
 
     WEIGHTS = "weights"
@@ -22,7 +22,7 @@ class Category(str, Enum):
     BUFFERS = "buffers"  # engine buffers: gradient buckets, offload staging and temp buffers
 
 
-class Place(str, Enum):
+class Place(StrEnum):
     """Where a byte lives."""
 
     GPU = "gpu"

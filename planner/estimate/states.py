@@ -127,8 +127,13 @@ def _items(category: Category, place: Place, per_group: dict[str, int]) -> list[
     return [Item(g, category, place, b) for g, b in per_group.items() if b]
 
 
-def model_state_items(params: Sequence[Param], options: TrainingOptions, world_size: int,
-                      zero: ZeroSettings | None = None, grad_accum: int = 1) -> list[Item]:
+def model_state_items(
+    params: Sequence[Param],
+    options: TrainingOptions,
+    world_size: int,
+    zero: ZeroSettings | None = None,
+    grad_accum: int = 1,
+) -> list[Item]:
     """What the most loaded rank holds for weights, gradients, master weights and optimizer states.
 
     Args:
@@ -162,12 +167,18 @@ def _torch_items(params: Sequence[Param], options: TrainingOptions) -> list[Item
     # torch optimizers keep states in the parameter's dtype (torch.zeros_like(p)).
     if impl in (OptimizerImpl.TORCH_ADAMW_FORLOOP, OptimizerImpl.TORCH_ADAMW_FOREACH):
         # Non-fused, non-capturable AdamW puts state["step"] on the CPU (torch/optim/adam.py _init_group).
-        items += _items(Category.OPTIMIZER_STATES, Place.GPU,
-                        _by_group(trained, lambda p: optimizer_state_bytes(p.tensor.shape, impl, wd) - TORCH_STEP_BYTES))
+        items += _items(
+            Category.OPTIMIZER_STATES,
+            Place.GPU,
+            _by_group(trained, lambda p: optimizer_state_bytes(p.tensor.shape, impl, wd) - TORCH_STEP_BYTES),
+        )
         items += _items(Category.OPTIMIZER_STATES, Place.HOST, _by_group(trained, lambda p: TORCH_STEP_BYTES))
     else:
-        items += _items(Category.OPTIMIZER_STATES, Place.GPU,
-                        _by_group(trained, lambda p: optimizer_state_bytes(p.tensor.shape, impl, wd)))
+        items += _items(
+            Category.OPTIMIZER_STATES,
+            Place.GPU,
+            _by_group(trained, lambda p: optimizer_state_bytes(p.tensor.shape, impl, wd)),
+        )
     return items
 
 
@@ -197,8 +208,9 @@ def _place(offload: Offload) -> Place:
     return {Offload.NONE: Place.GPU, Offload.CPU: Place.HOST, Offload.NVME: Place.NVME}[offload]
 
 
-def _zero12_items(params: Sequence[Param], options: TrainingOptions, world_size: int, zero: ZeroSettings,
-                  grad_accum: int) -> list[Item]:
+def _zero12_items(
+    params: Sequence[Param], options: TrainingOptions, world_size: int, zero: ZeroSettings, grad_accum: int
+) -> list[Item]:
     """ZeRO-1/2 (stage_1_and_2.py; docs/zero-internals.md section 4), one param group as HF Trainer
     builds it when the DeepSpeed config has an optimizer section.
 
@@ -277,13 +289,20 @@ def _zero3_items(params: Sequence[Param], options: TrainingOptions, world_size: 
     # Trainable partitions: lp_param_buffer on the GPU, or one pinned host buffer with offload_param.
     items = _items(Category.WEIGHTS, param_place, _by_group(trained, lambda p: part(p) * wd.itemsize))
     # Frozen partitions: on the offload device unless persistent (those stay on the GPU).
-    items += _items(Category.WEIGHTS, param_place,
-                    _by_group([p for p in frozen if not persistent(p)], lambda p: part(p) * wd.itemsize))
-    items += _items(Category.WEIGHTS, Place.GPU,
-                    _by_group([p for p in frozen if persistent(p)], lambda p: part(p) * wd.itemsize))
+    items += _items(
+        Category.WEIGHTS,
+        param_place,
+        _by_group([p for p in frozen if not persistent(p)], lambda p: part(p) * wd.itemsize),
+    )
+    items += _items(
+        Category.WEIGHTS, Place.GPU, _by_group([p for p in frozen if persistent(p)], lambda p: part(p) * wd.itemsize)
+    )
     # Persistent parameters' gathered copies, ceil_to(n, world) elements each (L1376-L1402).
-    items += _items(Category.WEIGHTS, Place.GPU,
-                    _by_group([p for p in params if persistent(p)], lambda p: round_up(p.numel, world_size) * wd.itemsize))
+    items += _items(
+        Category.WEIGHTS,
+        Place.GPU,
+        _by_group([p for p in params if persistent(p)], lambda p: round_up(p.numel, world_size) * wd.itemsize),
+    )
     share = _by_group(trained, part)
     total = sum(share.values())
     # fp32_partitioned_groups_flat is the 16-bit partition itself when dtypes and device match
