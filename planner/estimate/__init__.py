@@ -46,4 +46,11 @@ def estimate(
             total + (p.numel if p.origin != "lora" and p.origin != "copy" else 0),
             trained + (p.numel if p.trainable else 0),
         )
+    notes = [*notes, STATES_ONLY_NOTE]
     return assemble(items, group_params, cluster.gpus_per_node, cluster.gpu_memory_bytes, cluster.host_ram_bytes, notes)
+
+
+STATES_ONLY_NOTE = (
+    "model states and engine buffers only: activations, ZeRO-3's gathered parameters and the CUDA"
+    " context are not in these figures yet"
+)
