@@ -18,7 +18,7 @@ pytest.importorskip("deepspeed")
 from planner.architectures import build_tensors  # noqa: E402
 from planner.estimate.result import Category, Place  # noqa: E402
 from planner.estimate.states import ZeroSettings, model_state_items  # noqa: E402
-from planner.options import Engine, Offload, TrainingOptions, ZeroStage  # noqa: E402
+from planner.options import Engine, Offload, Precision, TrainingOptions, ZeroStage  # noqa: E402
 from planner.profile import Group, ModelSpec  # noqa: E402
 from planner.workload import trainable_inventory  # noqa: E402
 from tests.ds_harness import DEFAULT_MODEL_CONFIG, apply_hf_auto_values, measure  # noqa: E402
@@ -27,7 +27,8 @@ HIDDEN = DEFAULT_MODEL_CONFIG["hidden_size"]
 FROZEN = "model.embed_tokens"
 
 
-def _ds_config(stage: int, offload_optimizer: bool, offload_param: bool, overlap_comm: bool | None) -> dict:
+def _ds_config(stage: int, offload_optimizer: bool, offload_param: bool, overlap_comm: bool | None,
+               precision: Precision) -> dict:
     zero: dict = {"stage": stage, "reduce_bucket_size": "auto"}
     if stage == 3:
         zero |= {"stage3_param_persistence_threshold": "auto", "stage3_prefetch_bucket_size": "auto"}
@@ -45,10 +46,13 @@ def _ds_config(stage: int, offload_optimizer: bool, offload_param: bool, overlap
         "bf16": {"enabled": True},
         "zero_optimization": zero,
     }
+    if precision is Precision.PURE_BF16:
+        cfg["bf16"] |= {"bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
     return apply_hf_auto_values(cfg, HIDDEN)
 
 
-def _ledger(stage: int, offload_optimizer: bool, offload_param: bool, frozen: bool, overlap_comm: bool):
+def _ledger(stage: int, offload_optimizer: bool, offload_param: bool, frozen: bool, overlap_comm: bool,
+            precision: Precision):
     """The ledger's items for the same model and settings, by (category, place)."""
     group = Group("llm", "decoder", tuple(build_tensors("decoder", DEFAULT_MODEL_CONFIG)), DEFAULT_MODEL_CONFIG)
     model = ModelSpec("harness-qwen2", "tests/ds_harness.py", (group,))
@@ -58,6 +62,7 @@ def _ledger(stage: int, offload_optimizer: bool, offload_param: bool, frozen: bo
         offload_optimizer=Offload.CPU if offload_optimizer else Offload.NONE,
         offload_param=Offload.CPU if offload_param else Offload.NONE,
         freeze=("llm.embed_tokens",) if frozen else (),
+        precision=precision,
     )
     zero = ZeroSettings.hf_auto(HIDDEN)
     zero = ZeroSettings(zero.reduce_bucket_size, zero.param_persistence_threshold, overlap_comm)
@@ -81,26 +86,33 @@ def _other(rank: dict) -> int:
     return sum(s["storage_bytes"] for s in rank["other"]["structures"].values() if s["numel"] > 1)
 
 
+AMP, PURE = Precision.AMP_BF16, Precision.PURE_BF16
 CASES = [
-    # (stage, offload_optimizer, offload_param, frozen, overlap_comm)
-    (1, False, False, True, False),
-    (2, False, False, True, False),
-    (2, False, False, False, True),
-    (2, True, False, True, False),
-    (1, True, False, True, False),
-    (3, False, False, True, None),
-    (3, True, False, True, None),
-    (3, True, True, True, None),
+    # (stage, offload_optimizer, offload_param, frozen, overlap_comm, precision)
+    (1, False, False, True, False, AMP),
+    (2, False, False, True, False, AMP),
+    (2, False, False, False, True, AMP),
+    (2, True, False, True, False, AMP),
+    (1, True, False, True, False, AMP),
+    (3, False, False, True, None, AMP),
+    (3, True, False, True, None, AMP),
+    (3, True, True, True, None, AMP),
+    (2, False, False, True, False, PURE),
+    (3, False, False, True, None, PURE),
 ]
 
 
-@pytest.mark.parametrize(("stage", "off_opt", "off_param", "frozen", "overlap"), CASES,
-                         ids=[f"z{c[0]}{'-offopt' if c[1] else ''}{'-offparam' if c[2] else ''}"
-                              f"{'-frozen' if c[3] else ''}{'-overlap' if c[4] else ''}" for c in CASES])
-def test_ledger_equals_deepspeed(stage, off_opt, off_param, frozen, overlap):
-    ranks = measure(DEFAULT_MODEL_CONFIG, _ds_config(stage, off_opt, off_param, overlap),
+def _case_id(c) -> str:
+    flags = ["-offopt" * c[1], "-offparam" * c[2], "-frozen" * c[3], "-overlap" * bool(c[4]), f"-{c[5].value}"]
+    return f"z{c[0]}" + "".join(flags)
+
+
+@pytest.mark.parametrize(("stage", "off_opt", "off_param", "frozen", "overlap", "precision"), CASES,
+                         ids=[_case_id(c) for c in CASES])
+def test_ledger_equals_deepspeed(stage, off_opt, off_param, frozen, overlap, precision):
+    ranks = measure(DEFAULT_MODEL_CONFIG, _ds_config(stage, off_opt, off_param, overlap, precision),
                     frozen_prefixes=[FROZEN] if frozen else [], world_size=2, steps=1)
-    ledger = _ledger(stage, off_opt, off_param, frozen, overlap if overlap is not None else stage == 3)
+    ledger = _ledger(stage, off_opt, off_param, frozen, overlap if overlap is not None else stage == 3, precision)
 
     # Weights, master and optimizer states: every rank holds the same, after the step.
     for cat, key in ((Category.WEIGHTS, "weights"), (Category.MASTER_WEIGHTS, "master_weights"),

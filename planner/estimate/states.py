@@ -305,10 +305,10 @@ def _zero3_items(params: Sequence[Param], options: TrainingOptions, world_size: 
     )
     share = _by_group(trained, part)
     total = sum(share.values())
-    # fp32_partitioned_groups_flat is the 16-bit partition itself when dtypes and device match
-    # (stage3.py L1162-L1167), e.g. fp32 or pure bf16 without optimizer offload.
-    if sd != wd or offload_opt:
-        items += _items(Category.MASTER_WEIGHTS, opt_place, {g: e * sd.itemsize for g, e in share.items()})
+    # fp32_partitioned_groups_flat: always a copy. stage3.py L1162-L1167 would share the 16-bit
+    # partition when dtype and device match, but compares a torch.device with the device *name*
+    # (self.device, a str, L333), which is never equal: measured for pure bf16 and fp32.
+    items += _items(Category.MASTER_WEIGHTS, opt_place, {g: e * sd.itemsize for g, e in share.items()})
     items += _items(Category.OPTIMIZER_STATES, opt_place, _spread(optimizer_state_bytes((total,), impl, sd), share))
     # grad_partitions_flat_buffer in the gradient-accumulation dtype (= model dtype), on the
     # optimizer's device; offloaded, the master partition's .grad adds sd bytes (L761-L803, L1337).
