@@ -89,7 +89,7 @@ ESTIMATE_EPILOG = """\b
 Examples:
   memplan estimate
   memplan estimate --model minicpm-o-2.6 --gpus 2x3090 --host-ram 64GiB \\
-      --without apm,tts --freeze vpm --zero 3 --offload-optimizer cpu --offload-param cpu
+      --without apm,audio_projection_layer,tts --freeze vpm --offload-optimizer none
   memplan estimate --model qwen2.5-7b --gpus 4xa100-80g --engine torch --precision pure-bf16
   memplan estimate --model ./my-model/config.json --gpus 2x4090 --lora-rank 16 --json
 """
@@ -196,8 +196,14 @@ def estimate(
         )
     spec = load_model(model or DEFAULT_MODEL, catalog)
     cluster = _cluster(gpus, catalog, host_ram, notes)
-    if engine == "torch" and (zero, offload_optimizer, offload_param) == ("3", "cpu", "cpu"):
-        zero, offload_optimizer, offload_param = "0", "none", "none"  # the DeepSpeed defaults do not apply
+    if engine == "torch":  # the DeepSpeed defaults do not apply; explicit values are still checked
+        ctx = click.get_current_context()
+        default = click.core.ParameterSource.DEFAULT
+        zero = "0" if ctx.get_parameter_source("zero") is default else zero
+        if ctx.get_parameter_source("offload_optimizer") is default:
+            offload_optimizer = "none"
+        if ctx.get_parameter_source("offload_param") is default:
+            offload_param = "none"
     lora = None
     if lora_rank is not None:
         lora = LoraOptions(
