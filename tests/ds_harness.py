@@ -8,8 +8,8 @@ runs ``deepspeed.initialize`` with the given DeepSpeed config, runs real trainin
 census of every tensor DeepSpeed's optimizer wrapper and the model hold. The census is
 written as JSON by every rank and returned by :func:`measure`, one dict per rank.
 
-Categories (each a :class:`dict` with ``numel``, ``bytes``, ``by_dtype`` and
-``structures``):
+Categories (each a :class:`dict` with ``numel``, ``bytes``, ``storage_bytes``,
+``by_home``, ``by_dtype`` and ``structures``):
 
 * ``weights``: 16-bit (fp32 when neither bf16 nor fp16 is enabled) parameter storage:
   flat bit16 groups (stage 0/1/2), frozen parameters, ZeRO-3 ``ds_tensor`` partitions and
@@ -17,16 +17,26 @@ Categories (each a :class:`dict` with ``numel``, ``bytes``, ``by_dtype`` and
   time (ZeRO-3 persistent parameters).
 * ``master_weights``: fp32 master partitions.
 * ``optimizer_states``: tensors in the base optimizer's ``state``.
-* ``gradients``: every gradient structure (``param.grad``, IPG buckets, partition buffers,
-  fp32 gradient buffers, CPU-offload gradient buffers ...).
+* ``gradients``: every gradient structure (``param.grad``, ``param.grad_accum``, IPG
+  buckets, partition buffers, fp32 gradient buffers, CPU-offload gradient buffers ...).
 * ``other``: any other tensor found on the optimizer wrapper (e.g. the 16-bit staging
-  buffer of ZeRO-1/2 CPU offload), so that nothing goes unreported.
+  buffer of ZeRO-1/2 CPU offload, the 1-element grad-norm tensor), so that nothing goes
+  unreported.
 
-Totals are computed as the union of the storage byte ranges referenced by a category's
-tensors, so that views (e.g. parameters that alias a flat buffer) are not double counted.
-Each structure additionally reports its own numel/bytes (also de-duplicated within the
-structure). ``numel`` of a category is the sum of the per-dtype unique byte counts divided
-by the element size.
+Each structure is named after the attribute that holds it (``bit16_groups_flat[0]``,
+``grad_partitions_flat_buffer``, ``param.ds_tensor(frozen,non-persistent)``, ...).
+``numel``/``bytes`` count the elements the tensors reference (the union of their byte
+ranges, so a view is never counted twice); ``storage_bytes`` counts the whole storages they
+keep alive, which is what has to be budgeted (a gradient view into a larger buffer keeps
+all of that buffer alive). Category totals are de-duplicated the same way across the
+category's structures.
+
+The census is taken at several points of the last optimizer step (``phases``):
+``after_init``; for every micro-step ``m``: ``end_of_backward[m]`` (autograd done, before
+the engine's gradient reduction), ``before_epilogue[m]`` (just before the ZeRO epilogue that
+reduces the last bucket and frees the IPG buffers), ``after_backward[m]`` (``engine.backward``
+returned), ``during_step[m]`` (right before the base optimizer's ``step``, only on the
+accumulation boundary) and ``after_step[m]``.
 
 On the CPU accelerator every device is ``cpu`` and ``get_accelerator().pin_memory`` is a
 no-op (``deepspeed/accelerator/cpu_accelerator.py:L283``), so where a buffer *would* live
@@ -34,12 +44,14 @@ on a GPU machine is reported from DeepSpeed's own flags and structure names, not
 tensor's device.
 
 Example:
-    >>> from tests.ds_harness import measure, DEFAULT_MODEL_CONFIG
+    >>> from tests.ds_harness import DEFAULT_MODEL_CONFIG, apply_hf_auto_values, measure
     >>> ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-    ...       "bf16": {"enabled": True}, "zero_optimization": {"stage": 2},
+    ...       "bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"},
     ...       "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    >>> ds = apply_hf_auto_values(ds, DEFAULT_MODEL_CONFIG["hidden_size"])  # reduce_bucket_size = 65 * 65
     >>> ranks = measure(DEFAULT_MODEL_CONFIG, ds, frozen_prefixes=["model.embed_tokens"])
-    >>> ranks[0]["master_weights"]["numel"]
+    >>> ranks[0]["master_weights"]["numel"]  # fp32 partition: (157426 + 2 padding) / 2
+    78714
 
 Command line (prints the per-rank category totals, writes the full JSON with ``--out``)::
 
@@ -63,8 +75,9 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "DEFAULT_MODEL_CONFIG",
@@ -73,7 +86,7 @@ __all__ = [
     "measure",
 ]
 
-#: A tiny Qwen2 (222,881 parameters) whose sizes make DeepSpeed's padding visible at world
+#: A tiny Qwen2 (27 parameters, 222,621 elements) whose sizes make DeepSpeed's padding visible at world
 #: size 2: ``hidden_size`` 65 with an explicit ``head_dim`` 16 makes the norm weights (65),
 #: the MLP matrices (65*171) and the vocab 1003 x 65 embedding/lm_head odd-sized (ZeRO-3
 #: pads each of them by 1 element), and the trainable total is not a multiple of
@@ -161,20 +174,22 @@ def _find_auto(obj: Any, path: str = "") -> list[str]:
     return found
 
 
-def measure(model_config: dict,
-            ds_config: dict,
-            frozen_prefixes: Sequence[str] = (),
-            world_size: int = 2,
-            steps: int = 1,
-            timeout_s: float = 600,
-            *,
-            seq_len: int = 8,
-            seed: int = 1234,
-            zero_init: bool | None = None,
-            param_groups: str = "single",
-            threads_per_rank: int = 1,
-            allow_fp16_on_cpu: bool = False,
-            client_optimizer: str | None = None) -> list[dict]:
+def measure(
+    model_config: dict,
+    ds_config: dict,
+    frozen_prefixes: Sequence[str] = (),
+    world_size: int = 2,
+    steps: int = 1,
+    timeout_s: float = 600,
+    *,
+    seq_len: int = 8,
+    seed: int = 1234,
+    zero_init: bool | None = None,
+    param_groups: str = "single",
+    threads_per_rank: int = 1,
+    allow_fp16_on_cpu: bool = False,
+    client_optimizer: str | None = None,
+) -> list[dict]:
     """Runs a real DeepSpeed engine on ``world_size`` CPU ranks and takes a tensor census.
 
     Builds a tiny ``transformers`` model from ``model_config`` (passed to
@@ -204,7 +219,7 @@ def measure(model_config: dict,
             "only for stage 3".
         param_groups: ``"single"``: one group of all trainable parameters (what HF Trainer
             passes when the DeepSpeed config has an ``optimizer`` section,
-            ``transformers/integrations/deepspeed.py:L571-L573,L667``). ``"decay_split"``:
+            ``transformers/integrations/deepspeed.py:L576-L577,L669``). ``"decay_split"``:
             two groups (weight decay / no weight decay for biases and norm weights), the
             grouping of ``Trainer.create_optimizer``; each group is flattened and padded
             separately.
@@ -219,27 +234,40 @@ def measure(model_config: dict,
             Trainer passes a ``DummyOptim`` then). ``"torch_adamw"``: build
             ``torch.optim.AdamW(model_parameters, lr=1e-3)`` and pass it as
             ``deepspeed.initialize(optimizer=...)``, the path HF Trainer takes when the
-            config has no ``optimizer`` section (``transformers/integrations/deepspeed.py:L574-L585``,
+            config has no ``optimizer`` section (``transformers/integrations/deepspeed.py:L587-L589``,
             which also sets ``zero_allow_untested_optimizer``; do that in ``ds_config``).
 
     Returns:
-        One dict per rank, ordered by rank, with keys ``rank``, ``flags``, ``params``
-        (per-parameter facts), ``padding``, ``phases`` (the census at ``after_init``,
-        ``after_backward[m]``/``after_step[m]`` for every micro-step ``m`` of the last
-        optimizer step) and, for convenience, the categories ``weights``,
-        ``master_weights``, ``optimizer_states`` (from the ``after_step`` phase of the last
-        micro-step) and ``gradients`` (``{"after_backward": ..., "after_step": ...,
-        "persist_after_step": [...]}``), plus ``wall_s`` (the whole call) and ``timings``.
+        One dict per rank, ordered by rank, with keys:
+
+        * ``rank``, ``wall_s`` (the whole call, identical on every rank), ``timings``
+          (import / build / ``deepspeed.initialize`` / training seconds inside the worker);
+        * ``flags``: stage, dtype, world size, offload devices and pin flags, the optimizer
+          wrapper and base optimizer classes actually used, communication and gradient
+          accumulation dtypes, bucket sizes, ``global_steps``/``skipped_steps``, and the
+          wrapper's own attributes (``wrapper.cpu_offload``, ``wrapper.partition_count``, ...);
+        * ``params``: per parameter ``name``, ``numel``, ``trainable``, ``dtype`` and for
+          ZeRO-3 ``partition_numel``, ``padding_size``, ``persistent``;
+        * ``padding``: DeepSpeed's own padding bookkeeping and the rule behind it;
+        * ``phases``: ``{phase: {category: ...}}`` (see the module docstring);
+        * ``weights``, ``master_weights``, ``optimizer_states``, ``other``: the categories
+          at ``after_step`` of the last micro-step; ``total``: ``{"storage_bytes"}`` of all
+          categories together at that point (storages shared between categories once);
+        * ``gradients``: ``{"end_of_backward", "before_epilogue", "after_backward",
+          "during_step", "after_step"}`` of the last micro-step, plus
+          ``persist_after_step`` (names of gradient structures still holding memory after
+          the step).
 
     Raises:
         HarnessError: A worker exited non-zero or the run timed out. The message contains
             the stderr tail of the failing worker(s).
-        ValueError: ``ds_config`` still contains ``"auto"`` values.
+        ValueError: ``ds_config`` still contains ``"auto"`` values, or an argument is out of range.
     """
     autos = _find_auto(ds_config)
     if autos:
-        raise ValueError(f"ds_config still has 'auto' values at {autos}; fill them first "
-                         "(see apply_hf_auto_values).")
+        raise ValueError(f"ds_config still has 'auto' values at {autos}; fill them first (see apply_hf_auto_values).")
+    if steps < 1 or world_size < 1:
+        raise ValueError(f"steps and world_size must be >= 1, got steps={steps}, world_size={world_size}")
     if client_optimizer not in (None, "torch_adamw"):
         raise ValueError(f"client_optimizer must be None or 'torch_adamw', got {client_optimizer!r}")
     if param_groups not in ("single", "decay_split"):
@@ -270,32 +298,35 @@ def measure(model_config: dict,
         try:
             for rank in range(world_size):
                 env = dict(os.environ)
-                env.update({
-                    "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(port),
-                    "RANK": str(rank),
-                    "LOCAL_RANK": str(rank),
-                    "WORLD_SIZE": str(world_size),
-                    "LOCAL_SIZE": str(world_size),
-                    "LOCAL_WORLD_SIZE": str(world_size),
-                    "DS_ACCELERATOR": "cpu",
-                    "OMP_NUM_THREADS": str(threads_per_rank),
-                    "TOKENIZERS_PARALLELISM": "false",
-                    "TRANSFORMERS_VERBOSITY": "error",
-                    "PYTHONPATH": os.pathsep.join([str(repo_root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                })
+                env.update(
+                    {
+                        "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port),
+                        "RANK": str(rank),
+                        "LOCAL_RANK": str(rank),
+                        "WORLD_SIZE": str(world_size),
+                        "LOCAL_SIZE": str(world_size),
+                        "LOCAL_WORLD_SIZE": str(world_size),
+                        "DS_ACCELERATOR": "cpu",
+                        "OMP_NUM_THREADS": str(threads_per_rank),
+                        "TOKENIZERS_PARALLELISM": "false",
+                        "TRANSFORMERS_VERBOSITY": "error",
+                        "PYTHONPATH": os.pathsep.join([str(repo_root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                    }
+                )
                 err_path = tmpdir / f"rank{rank}.stderr"
                 err_file = open(err_path, "w")
                 cmd = [
-                    sys.executable, "-m", "tests.ds_harness", "--worker", "--spec",
-                    str(spec_path), "--out-dir",
-                    str(tmpdir)
+                    sys.executable,
+                    "-m",
+                    "tests.ds_harness",
+                    "--worker",
+                    "--spec",
+                    str(spec_path),
+                    "--out-dir",
+                    str(tmpdir),
                 ]
-                proc = subprocess.Popen(cmd,
-                                        cwd=str(repo_root),
-                                        env=env,
-                                        stdout=err_file,
-                                        stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(cmd, cwd=str(repo_root), env=env, stdout=err_file, stderr=subprocess.STDOUT)
                 procs.append((proc, err_path, err_file))
 
             deadline = started + timeout_s
@@ -316,6 +347,7 @@ def measure(model_config: dict,
             if failed:
                 # Give the others a moment to fail on their own (their stderr is often useful).
                 time.sleep(1.0)
+                failed = [r for r in range(world_size) if procs[r][0].poll() not in (None, 0)]
                 raise HarnessError(_failure_message(procs, failed, "worker exited non-zero"))
         finally:
             for proc, _, err_file in procs:
@@ -323,6 +355,7 @@ def measure(model_config: dict,
                     proc.kill()
                     proc.wait()
                 err_file.close()
+            _remove_shm_segments(port)
 
         results = []
         for rank in range(world_size):
@@ -335,6 +368,23 @@ def measure(model_config: dict,
     for result in results:
         result["wall_s"] = round(wall, 2)
     return results
+
+
+def _remove_shm_segments(port: int) -> None:
+    """Unlinks the shared-memory allreduce buffers DeepSpeed's CPU comm op leaves behind.
+
+    On the CPU accelerator every rank's ``TorchBackend`` loads ``deepspeed_shm_comm``
+    (``deepspeed/comm/torch.py:L47-L53,L207,L219-L220``), which creates a ~64 MiB POSIX
+    shared-memory segment ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``
+    (``deepspeed/ops/csrc/cpu/comm/shm.cpp:L94,L340-L368``) and never unlinks it. Without this
+    cleanup every :func:`measure` call leaks ``world_size`` such segments in ``/dev/shm``.
+    Only segments named with this call's port on 127.0.0.1 are removed.
+    """
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):
+        try:
+            path.unlink()
+        except OSError:
+            pass
 
 
 def _failure_message(procs: Sequence[tuple[subprocess.Popen, Path, Any]], ranks: Iterable[int], what: str) -> str:
@@ -360,13 +410,14 @@ class _Census:
     """
 
     def __init__(self) -> None:
-        # category -> structure -> list of (storage_key, start_byte, end_byte, dtype, elem_size, device)
+        # category -> structure -> list of
+        # (storage_key, start_byte, end_byte, dtype, elem_size, device, storage_nbytes)
         self.items: dict[str, dict[str, list[tuple]]] = {c: defaultdict(list) for c in _CATEGORIES}
-        self.meta: dict[str, dict[str, dict[str, Any]]] = {c: {} for c in _CATEGORIES}
 
-    def add(self, category: str, structure: str, tensor: Any, **meta: Any) -> None:
+    def add(self, category: str, structure: str, tensor: Any) -> None:
         """Records ``tensor`` under ``category``/``structure`` (ignored if empty/None)."""
         import torch
+
         if tensor is None or not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
             return
         if tensor.is_sparse or tensor.device.type == "meta":
@@ -375,23 +426,30 @@ class _Census:
         esize = tensor.element_size()
         start = tensor.storage_offset() * esize
         # Only contiguous views are expected here; for a strided view count its extent.
-        extent = sum((s - 1) * st for s, st in zip(tensor.shape, tensor.stride())) + 1
+        extent = sum((s - 1) * st for s, st in zip(tensor.shape, tensor.stride(), strict=True)) + 1
         end = start + extent * esize
-        self.items[category][structure].append((storage.data_ptr(), start, end, str(tensor.dtype).replace("torch.", ""),
-                                                esize, str(tensor.device), storage.nbytes()))
-        if meta:
-            self.meta[category].setdefault(structure, {}).update(meta)
+        self.items[category][structure].append(
+            (
+                storage.data_ptr(),
+                start,
+                end,
+                str(tensor.dtype).replace("torch.", ""),
+                esize,
+                str(tensor.device),
+                storage.nbytes(),
+            )
+        )
 
     @staticmethod
-    def _union(entries: Iterable[tuple]) -> dict[str, int]:
-        """Unique bytes per dtype over a set of (storage, start, end, dtype, esize, device)."""
+    def _union(entries: Iterable[tuple]) -> tuple[dict[str, int], dict[str, int]]:
+        """Unique referenced bytes per dtype, and the element size of each dtype."""
         by_storage: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
         esizes: dict[str, int] = {}
         for key, start, end, dtype, esize, *_ in entries:
             by_storage[(key, dtype)].append((start, end))
             esizes[dtype] = esize
         out: dict[str, int] = defaultdict(int)
-        for (key, dtype), ranges in by_storage.items():
+        for (_key, dtype), ranges in by_storage.items():
             ranges.sort()
             cur_s, cur_e = ranges[0]
             for s, e in ranges[1:]:
@@ -404,7 +462,7 @@ class _Census:
         return {dtype: nbytes for dtype, nbytes in out.items()}, esizes
 
     def summary(self, home_of: Any = None) -> dict[str, Any]:
-        """Returns ``{category: {numel, bytes, storage_bytes, by_dtype, structures}}``.
+        """Returns ``{category: {numel, bytes, storage_bytes, by_dtype, structures}, "total": ...}``.
 
         ``numel``/``bytes`` count the elements the tensors reference (union of ranges);
         ``storage_bytes`` counts the whole storages they keep alive (a view into a larger
@@ -438,7 +496,6 @@ class _Census:
                     "device": ",".join(sorted({e[5] for e in entries})),
                 }
                 info["home"] = home
-                info.update(self.meta[category].get(name, {}))
                 structures[name] = info
             per_dtype, esizes = self._union(all_entries) if all_entries else ({}, {})
             result[category] = {
@@ -446,15 +503,13 @@ class _Census:
                 "bytes": sum(per_dtype.values()),
                 "storage_bytes": sum({e[0]: e[6] for e in all_entries}.values()),
                 "by_home": dict(sorted(by_home.items())),
-                "by_dtype": {
-                    d: {
-                        "numel": b // esizes[d],
-                        "bytes": b
-                    }
-                    for d, b in sorted(per_dtype.items())
-                },
+                "by_dtype": {d: {"numel": b // esizes[d], "bytes": b} for d, b in sorted(per_dtype.items())},
                 "structures": structures,
             }
+        # Everything at once: a storage referenced by two categories (e.g. the ZeRO-3 fp32
+        # master that aliases the 16-bit partition buffer when training in fp32) counts once.
+        everything = {e[0]: e[6] for cat in _CATEGORIES for entries in self.items[cat].values() for e in entries}
+        result["total"] = {"storage_bytes": sum(everything.values())}
         return result
 
 
@@ -480,17 +535,29 @@ _MASTER_ATTRS = {
 }
 _OTHER_ATTRS = {"_global_grad_norm", "inf_or_nan_tracker", "norm_for_param_grads"}
 _SKIP_ATTRS = {
-    "module", "optimizer", "basic_optimizer", "backup_optimizer", "parameter_offload", "param_names", "timers",
-    "loss_scaler", "mpu", "param_dict", "param_id", "deepspeed", "overflow_checker", "round_robin_bit16_meta",
-    "_param_slice_mappings", "torch_autocast_gradscaler"
+    "module",
+    "optimizer",
+    "basic_optimizer",
+    "backup_optimizer",
+    "parameter_offload",
+    "param_names",
+    "timers",
+    "loss_scaler",
+    "mpu",
+    "param_dict",
+    "param_id",
+    "deepspeed",
+    "overflow_checker",
+    "round_robin_bit16_meta",
+    "_param_slice_mappings",
+    "torch_autocast_gradscaler",
 }
 
 
 def _is_grad_attr(name: str) -> bool:
     """Whether an optimizer attribute name denotes a gradient structure."""
     lowered = name.lower()
-    return ("grad" in lowered or lowered.startswith("ipg") or lowered in {"averaged_gradients"}
-            or "param_id_to_grad_partition" in lowered)
+    return "grad" in lowered or lowered.startswith("ipg")
 
 
 def _walk(obj: Any, path: str, depth: int, seen: set[int], skip: set[int]) -> Iterator[tuple[str, Any]]:
@@ -501,6 +568,7 @@ def _walk(obj: Any, path: str, depth: int, seen: set[int], skip: set[int]) -> It
     whose ``id`` is in ``skip`` (model parameters) are not yielded, nor their ``.grad``.
     """
     import torch
+
     if depth > 5 or id(obj) in seen:
         return
     if isinstance(obj, torch.Tensor):
@@ -508,7 +576,7 @@ def _walk(obj: Any, path: str, depth: int, seen: set[int], skip: set[int]) -> It
             return  # a model parameter: counted (with its .grad) from the module
         seen.add(id(obj))
         yield path, obj
-        grad = obj.grad if obj.is_leaf or obj.requires_grad else None
+        grad = obj.grad if obj.is_leaf else None
         if grad is not None:
             yield path + ".grad", grad
         flat = getattr(obj, "flat_partition", None)
@@ -546,6 +614,7 @@ def _structure_name(path: str) -> str:
     ``bit16_groups_flat[0]`` -> ``bit16_groups_flat[0]``.
     """
     import re
+
     out: list[str] = []
     first_index_done = False
     for token in re.findall(r"\[[^\]]*\]|\{\*\}|\.?[^.\[{]+", path):
@@ -563,6 +632,7 @@ def _structure_name(path: str) -> str:
 def _take_census(engine: Any, module_param_ids: set[int], frozen_names: set[str]) -> dict[str, Any]:
     """Census of the engine's optimizer wrapper, base optimizer state and model params."""
     import torch
+
     census = _Census()
     opt = engine.optimizer
     zero3 = engine.zero_optimization_stage() == 3
@@ -615,6 +685,14 @@ def _take_census(engine: Any, module_param_ids: set[int], frozen_names: set[str]
     return census.summary(lambda category, name: _home(engine, category, name))
 
 
+def _offload_device(offload_config: Any) -> str | None:
+    """``"cpu"``/``"nvme"`` for an offload config section, None when absent or ``"none"``."""
+    if offload_config is None:
+        return None
+    device = getattr(offload_config.device, "value", offload_config.device)
+    return None if str(device) == "none" else str(device)
+
+
 def _home(engine: Any, category: str, structure: str) -> str:
     """Where ``structure`` lives on a GPU machine: ``accelerator``, ``host`` or ``host(pinned)``.
 
@@ -625,18 +703,24 @@ def _home(engine: Any, category: str, structure: str) -> str:
     opt = engine.optimizer
     zc = engine._config.zero_config
     stage = engine.zero_optimization_stage()
-    off_opt = zc.offload_optimizer is not None and str(zc.offload_optimizer.device) != "none" and \
-        "none" not in str(zc.offload_optimizer.device)
+    off_opt = _offload_device(zc.offload_optimizer) is not None
     off_pin = bool(zc.offload_optimizer.pin_memory) if off_opt else False
-    off_param = zc.offload_param is not None and "none" not in str(zc.offload_param.device)
+    off_param = _offload_device(zc.offload_param) is not None
     param_pin = bool(zc.offload_param.pin_memory) if off_param else False
 
     def host(pinned: bool) -> str:
         return "host(pinned)" if pinned else "host"
 
     if stage in (1, 2) and getattr(opt, "cpu_offload", False):
-        if structure.startswith(("single_partition_of_fp32_groups", "offload_gradient_dict", "accumulated_grads_in_cpu",
-                                 "param_buffer_of_bit16_for_cpu_offload_groups", "temp_grad_buffer_for_cpu_offload")):
+        if structure.startswith(
+            (
+                "single_partition_of_fp32_groups",
+                "offload_gradient_dict",
+                "accumulated_grads_in_cpu",
+                "param_buffer_of_bit16_for_cpu_offload_groups",
+                "temp_grad_buffer_for_cpu_offload",
+            )
+        ):
             return host(off_pin)
         if category == "optimizer_states":
             return host(False)
@@ -670,14 +754,16 @@ def _param_facts(engine: Any, frozen_names: set[str]) -> list[dict[str, Any]]:
             "dtype": str(param.dtype).replace("torch.", ""),
         }
         if hasattr(param, "ds_tensor"):
-            fact.update({
-                "numel": int(param.ds_numel),
-                "partition_numel": int(param.ds_tensor.ds_numel),
-                "padding_size": int(param.padding_size()),
-                "persistent": bool(getattr(param, "ds_persist", False)),
-                "ds_tensor_dtype": str(param.ds_tensor.dtype).replace("torch.", ""),
-                "final_location": str(getattr(param.ds_tensor, "final_location", None)),
-            })
+            fact.update(
+                {
+                    "numel": int(param.ds_numel),
+                    "partition_numel": int(param.ds_tensor.ds_numel),
+                    "padding_size": int(param.padding_size()),
+                    "persistent": bool(getattr(param, "ds_persist", False)),
+                    "ds_tensor_dtype": str(param.ds_tensor.dtype).replace("torch.", ""),
+                    "final_location": str(getattr(param.ds_tensor, "final_location", None)),
+                }
+            )
         else:
             fact["numel"] = int(param.numel())
         out.append(fact)
@@ -695,61 +781,94 @@ def _padding_report(engine: Any) -> dict[str, Any]:
         groups = []
         for i, flat in enumerate(opt.bit16_groups_flat):
             trainable = sum(p.numel() for p in opt.bit16_groups[i])
-            groups.append({
-                "trainable_numel": int(trainable),
-                "flat_numel": int(flat.numel()),
-                "flat_padding": int(flat.numel() - trainable),
-                "alignment": int(opt.nccl_start_alignment_factor * opt.partition_count[i]),
-                "partition_size": int(opt.partition_size[i]),
-                "this_rank_partition_padding(groups_padding)": int(opt.groups_padding[i]),
-                "param_alignment_paddings": [int(x) for x in opt.round_robin_bit16_padding[i] if x],
-            })
+            groups.append(
+                {
+                    "trainable_numel": int(trainable),
+                    "flat_numel": int(flat.numel()),
+                    "flat_padding": int(flat.numel() - trainable),
+                    "alignment": int(opt.nccl_start_alignment_factor * opt.partition_count[i]),
+                    "partition_size": int(opt.partition_size[i]),
+                    "this_rank_partition_padding(groups_padding)": int(opt.groups_padding[i]),
+                    "param_alignment_paddings": [int(x) for x in opt.round_robin_bit16_padding[i] if x],
+                }
+            )
         rep["groups"] = groups
-        rep["rule"] = ("flat = sum(trainable numel) (+ per-param padding if parameter_alignment) rounded up to "
-                       "a multiple of nccl_start_alignment_factor(2) * dp_world_size; partition = flat / dp")
+        rep["rule"] = (
+            "flat = sum(trainable numel) (+ per-param padding if parameter_alignment) rounded up to "
+            "a multiple of nccl_start_alignment_factor(2) * dp_world_size; partition = flat / dp"
+        )
     elif hasattr(opt, "bf16_groups_flat"):  # BF16_Optimizer
         groups = []
         for i, flat in enumerate(opt.bf16_groups_flat):
             trainable = sum(p.numel() for p in opt.bf16_groups[i])
-            groups.append({
-                "trainable_numel": int(trainable),
-                "flat_numel": int(flat.numel()),
-                "flat_padding": int(flat.numel() - trainable),
-                "alignment": int(opt.nccl_start_alignment_factor * opt.partition_count[i]),
-                "partition_size": int(flat.numel() // opt.partition_count[i]),
-                "this_rank_padding(group_paddings)": int(opt.group_paddings[i]),
-            })
+            groups.append(
+                {
+                    "trainable_numel": int(trainable),
+                    "flat_numel": int(flat.numel()),
+                    "flat_padding": int(flat.numel() - trainable),
+                    "alignment": int(opt.nccl_start_alignment_factor * opt.partition_count[i]),
+                    "partition_size": int(flat.numel() // opt.partition_count[i]),
+                    "this_rank_padding(group_paddings)": int(opt.group_paddings[i]),
+                }
+            )
         rep["groups"] = groups
         rep["rule"] = "flat = sum(trainable numel) rounded up to a multiple of 2 * dp_world_size"
     elif hasattr(opt, "fp16_partitioned_groups_flat"):  # ZeRO-3
         sub_groups = []
         for i, group in enumerate(opt.fp16_groups):
-            sub_groups.append({
-                "params": len(group),
-                "numel": int(sum(p.ds_numel for p in group)),
-                "partition_numel": int(opt.fp16_partitioned_groups_flat_numel[i]),
-                "padding_this_rank(groups_padding)": int(sum(opt.groups_padding[i])),
-                "padding_per_param_total": int(sum(p.padding_size() for p in group)),
-            })
+            sub_groups.append(
+                {
+                    "params": len(group),
+                    "numel": int(sum(p.ds_numel for p in group)),
+                    "partition_numel": int(opt.fp16_partitioned_groups_flat_numel[i]),
+                    "padding_this_rank(groups_padding)": int(sum(opt.groups_padding[i])),
+                    "padding_per_param_total": int(sum(p.padding_size() for p in group)),
+                }
+            )
         rep["sub_groups"] = sub_groups
         frozen = [p for p in engine.module.parameters() if not p.requires_grad and hasattr(p, "ds_tensor")]
         rep["frozen_padding_total"] = int(sum(p.padding_size() for p in frozen))
-        rep["rule"] = ("per parameter: ds_numel padded up to a multiple of dp_world_size; "
-                       "partition = aligned/dp; no group-level padding")
+        rep["rule"] = (
+            "per parameter: ds_numel padded up to a multiple of dp_world_size; "
+            "partition = aligned/dp; no group-level padding"
+        )
     elif hasattr(opt, "fp16_groups_flat"):  # FP16_Optimizer (fp16 or bf16 at stage 0)
-        rep["groups"] = [{
-            "trainable_numel": int(sum(p.numel() for p in opt.fp16_groups[i])),
-            "flat_numel": int(flat.numel())
-        } for i, flat in enumerate(opt.fp16_groups_flat)]
+        rep["groups"] = [
+            {"trainable_numel": int(sum(p.numel() for p in opt.fp16_groups[i])), "flat_numel": int(flat.numel())}
+            for i, flat in enumerate(opt.fp16_groups_flat)
+        ]
         rep["rule"] = "no padding: _flatten_dense_tensors of the trainable params per group"
     else:
         rep["rule"] = f"{name}: no flat buffers"
     return rep
 
 
+#: Attributes of the optimizer wrapper copied into ``flags`` as ``wrapper.<name>`` when present.
+_WRAPPER_FLAG_ATTRS = (
+    "cpu_offload",
+    "partition_gradients",
+    "contiguous_gradients",
+    "overlap_comm",
+    "use_grad_accum_attribute",
+    "offload_optimizer",
+    "offload_param",
+    "offload_optimizer_pin_memory",
+    "offload_param_pin_memory",
+    "partition_count",
+    "sub_group_size",
+    "round_robin_gradients",
+    "gradient_accumulation_dtype",
+    "master_weights_and_grads_dtype",
+    "immediate_grad_update",
+    "grad_acc_dtype",
+    "reduce_bucket_size",
+)
+
+
 def _flags(engine: Any, world_size: int) -> dict[str, Any]:
     """DeepSpeed's own view of the configuration it ran with."""
     import torch
+
     opt = engine.optimizer
     zc = engine._config.zero_config
     dtype = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
@@ -759,9 +878,9 @@ def _flags(engine: Any, world_size: int) -> dict[str, Any]:
         "world_size": world_size,
         "gradient_accumulation_steps": int(engine.gradient_accumulation_steps()),
         "train_micro_batch_size_per_gpu": int(engine.train_micro_batch_size_per_gpu()),
-        "offload_optimizer": str(zc.offload_optimizer.device) if zc.offload_optimizer else None,
+        "offload_optimizer": _offload_device(zc.offload_optimizer),
         "offload_optimizer_pin_memory": bool(zc.offload_optimizer.pin_memory) if zc.offload_optimizer else None,
-        "offload_param": str(zc.offload_param.device) if zc.offload_param else None,
+        "offload_param": _offload_device(zc.offload_param),
         "offload_param_pin_memory": bool(zc.offload_param.pin_memory) if zc.offload_param else None,
         "optimizer_wrapper": type(opt).__name__ if opt is not None else None,
         "base_optimizer": type(engine.basic_optimizer).__name__ if engine.basic_optimizer is not None else None,
@@ -776,11 +895,9 @@ def _flags(engine: Any, world_size: int) -> dict[str, Any]:
         "torch": torch.__version__,
     }
     import deepspeed
+
     flags["deepspeed"] = deepspeed.__version__
-    for attr in ("cpu_offload", "partition_gradients", "contiguous_gradients", "overlap_comm", "use_grad_accum_attribute",
-                 "offload_optimizer", "offload_param", "offload_optimizer_pin_memory", "offload_param_pin_memory",
-                 "partition_count", "sub_group_size", "round_robin_gradients", "gradient_accumulation_dtype",
-                 "master_weights_and_grads_dtype", "immediate_grad_update", "grad_acc_dtype", "reduce_bucket_size"):
+    for attr in _WRAPPER_FLAG_ATTRS:
         if opt is not None and hasattr(opt, attr):
             value = getattr(opt, attr)
             if isinstance(value, torch.dtype):
@@ -800,6 +917,7 @@ def _decay_split(model: Any, params: list[Any]) -> list[dict[str, Any]]:
     """Two param groups like ``Trainer.create_optimizer``: no decay for biases and norms."""
     import torch
     from transformers.trainer_pt_utils import get_parameter_names
+
     try:
         from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
     except ImportError:  # pragma: no cover - depends on transformers version
@@ -873,6 +991,7 @@ def _worker(spec_path: str, out_dir: str) -> None:
     t0 = time.monotonic()
 
     import torch
+
     torch.set_num_threads(spec["threads_per_rank"])
     import deepspeed
     import transformers
@@ -884,6 +1003,7 @@ def _worker(spec_path: str, out_dir: str) -> None:
 
     if spec.get("allow_fp16_on_cpu"):
         from deepspeed.accelerator import get_accelerator
+
         accelerator = get_accelerator()
         accelerator.is_fp16_supported = lambda: True  # see measure(allow_fp16_on_cpu=...)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -897,14 +1017,17 @@ def _worker(spec_path: str, out_dir: str) -> None:
     # constructors, and a first import of torch._dynamo inside it fails.
     transformers.AutoModelForCausalLM._model_mapping[type(config)]
     import torch._dynamo  # noqa: F401
+
     t1 = time.monotonic()
     if zero_init:
         # What PreTrainedModel._from_config does under ZeRO-3 (transformers/modeling_utils.py:L1435-L1449);
         # HfDeepSpeedConfig itself cannot be used without `accelerate`.
         from contextlib import ExitStack
+
         with ExitStack() as stack:
             try:
                 from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
                 stack.enter_context(prevent_arange_dtype_change())
             except ImportError:  # pragma: no cover - older transformers
                 pass
@@ -918,8 +1041,10 @@ def _worker(spec_path: str, out_dir: str) -> None:
     for prefix in spec["frozen_prefixes"]:
         matched = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
         if not matched:
-            raise ValueError(f"frozen prefix {prefix!r} matches no parameter; names are "
-                             f"{[n for n, _ in model.named_parameters()][:8]}...")
+            raise ValueError(
+                f"frozen prefix {prefix!r} matches no parameter; names are "
+                f"{[n for n, _ in model.named_parameters()][:8]}..."
+            )
         frozen_names.update(matched)
     for name, param in model.named_parameters():
         if name in frozen_names:
@@ -992,6 +1117,7 @@ def _worker(spec_path: str, out_dir: str) -> None:
             "persist_after_step": sorted(k for k, v in final["gradients"]["structures"].items() if v["bytes"] > 0),
         },
         "other": final["other"],
+        "total": final["total"],
         "phases": phases,
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
@@ -1011,22 +1137,33 @@ def _summarize(results: Sequence[dict]) -> str:
     lines = []
     for res in results:
         f = res["flags"]
-        lines.append(f"rank {res['rank']}: stage={f['stage']} dtype={f['dtype']} wrapper={f['optimizer_wrapper']} "
-                     f"base={f['base_optimizer']} offload_opt={f['offload_optimizer']} offload_param={f['offload_param']}")
-        for cat, blob in (("weights", res["weights"]), ("master_weights", res["master_weights"]),
-                          ("optimizer_states", res["optimizer_states"]),
-                          ("gradients(end_of_backward)", res["gradients"]["end_of_backward"]),
-                          ("gradients(before_epilogue)", res["gradients"]["before_epilogue"]),
-                          ("gradients(after_backward)", res["gradients"]["after_backward"]),
-                          ("gradients(during_step)", res["gradients"]["during_step"]),
-                          ("gradients(after_step)", res["gradients"]["after_step"]), ("other", res["other"])):
+        lines.append(
+            f"rank {res['rank']}: stage={f['stage']} dtype={f['dtype']} wrapper={f['optimizer_wrapper']} "
+            f"base={f['base_optimizer']} offload_opt={f['offload_optimizer']} "
+            f"offload_param={f['offload_param']}"
+        )
+        for cat, blob in (
+            ("weights", res["weights"]),
+            ("master_weights", res["master_weights"]),
+            ("optimizer_states", res["optimizer_states"]),
+            ("gradients(end_of_backward)", res["gradients"]["end_of_backward"]),
+            ("gradients(before_epilogue)", res["gradients"]["before_epilogue"]),
+            ("gradients(after_backward)", res["gradients"]["after_backward"]),
+            ("gradients(during_step)", res["gradients"]["during_step"]),
+            ("gradients(after_step)", res["gradients"]["after_step"]),
+            ("other", res["other"]),
+        ):
             if blob is None:
                 continue
-            lines.append(f"  {cat}: numel={blob['numel']} bytes={blob['bytes']} storage_bytes={blob['storage_bytes']} "
-                         f"by_home={blob['by_home']}")
+            lines.append(
+                f"  {cat}: numel={blob['numel']} bytes={blob['bytes']} storage_bytes={blob['storage_bytes']} "
+                f"by_home={blob['by_home']}"
+            )
             for name, s in blob["structures"].items():
-                lines.append(f"      {name}: numel={s['numel']} bytes={s['bytes']} storage_bytes={s['storage_bytes']} "
-                             f"dtype={s['dtype']} n={s['tensors']} home={s.get('home')}")
+                lines.append(
+                    f"      {name}: numel={s['numel']} bytes={s['bytes']} storage_bytes={s['storage_bytes']} "
+                    f"dtype={s['dtype']} n={s['tensors']} home={s.get('home')}"
+                )
     lines.append(f"wall_s={results[0]['wall_s']}")
     return "\n".join(lines)
 
@@ -1045,6 +1182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--param-groups", default="single", choices=["single", "decay_split"])
     parser.add_argument("--allow-fp16-on-cpu", action="store_true", help="bypass DeepSpeed's CPU fp16 check")
     parser.add_argument("--client-optimizer", default=None, choices=["torch_adamw"])
+    parser.add_argument(
+        "--zero-init",
+        default=None,
+        choices=["yes", "no"],
+        help="build the model under zero.Init (default: only for stage 3)",
+    )
     parser.add_argument("--out", default=None, help="write the full per-rank JSON here")
     args = parser.parse_args(argv)
 
@@ -1055,14 +1198,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--ds-config is required")
     ds_text = Path(args.ds_config).read_text() if os.path.exists(args.ds_config) else args.ds_config
     model_config = json.loads(args.model_config) if args.model_config else DEFAULT_MODEL_CONFIG
-    results = measure(model_config,
-                      json.loads(ds_text),
-                      frozen_prefixes=args.frozen,
-                      world_size=args.world_size,
-                      steps=args.steps,
-                      param_groups=args.param_groups,
-                      allow_fp16_on_cpu=args.allow_fp16_on_cpu,
-                      client_optimizer=args.client_optimizer)
+    results = measure(
+        model_config,
+        json.loads(ds_text),
+        frozen_prefixes=args.frozen,
+        world_size=args.world_size,
+        steps=args.steps,
+        param_groups=args.param_groups,
+        allow_fp16_on_cpu=args.allow_fp16_on_cpu,
+        client_optimizer=args.client_optimizer,
+        zero_init=None if args.zero_init is None else args.zero_init == "yes",
+    )
     print(_summarize(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
