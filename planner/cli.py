@@ -342,3 +342,7 @@ def validate(paths: tuple[Path, ...]) -> None:
             except ProfileError as exc:
                 raise ProfileError(f"{path}: {exc}") from None
         click.echo(f"ok  {path}: {len(pf.gpus)} GPU(s), {len(pf.models)} model(s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -106,6 +106,7 @@ def test_model_from_config_json(tmp_path):
         (["--zero", "2", "--offload-param", "cpu"], "needs --zero 3"),
         (["--engine", "torch", "--zero", "2", "--offload-optimizer", "none", "--offload-param", "none"], "ZeRO needs"),
         (["--lora-targets", "q_proj"], "need --lora-rank"),
+    (["--gpus", "auto"], "--gpus auto: no NVIDIA driver found"),
         (["--freeze", "vision"], "has no group 'vision'"),
     ],
 )
