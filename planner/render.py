@@ -21,14 +21,20 @@ _COLORS = {
     Category.GRADIENTS: "magenta",
     Category.MASTER_WEIGHTS: "yellow",
     Category.OPTIMIZER_STATES: "green",
+    Category.ACTIVATIONS: "red",
+    Category.TEMPORARIES: "bright_red",
     Category.BUFFERS: "blue",
+    Category.OVERHEAD: "white",
 }
 _LABELS = {
     Category.WEIGHTS: "weights",
     Category.GRADIENTS: "grads",
     Category.MASTER_WEIGHTS: "master",
     Category.OPTIMIZER_STATES: "optim",
+    Category.ACTIVATIONS: "activ",
+    Category.TEMPORARIES: "temps",
     Category.BUFFERS: "buffers",
+    Category.OVERHEAD: "overhead",
 }
 
 
@@ -65,7 +71,8 @@ def group_table(est: Estimate, title: str, place: str) -> Table:
     table.add_column("group", footer="total")
     table.add_column("params", justify="right", footer=count(sum(r.params for r in est.groups)))
     table.add_column("trained", justify="right", footer=count(sum(r.trainable_params for r in est.groups)))
-    for c in Category:
+    shown = [c for c in Category if budget.by_category[c]] or [Category.WEIGHTS]  # empty columns hidden
+    for c in shown:
         table.add_column(_LABELS[c], justify="right", style=_COLORS[c], footer=_gib_cell(budget.by_category[c]))
     table.add_column("total", justify="right", style="bold", footer=_gib_cell(budget.total_bytes))
     for r in est.groups:
@@ -76,7 +83,7 @@ def group_table(est: Estimate, title: str, place: str) -> Table:
             r.name,
             count(r.params) if r.params else "",
             count(r.trainable_params) if r.trainable_params else "-",
-            *(_gib_cell(cells[c]) for c in Category),
+            *(_gib_cell(cells[c]) for c in shown),
             _gib_cell(sum(cells.values())),
         )
     return table
@@ -131,9 +138,11 @@ def verdict(est: Estimate) -> Text:
 
 def estimate_view(est: Estimate, title: str) -> RichGroup:
     """The whole `memplan estimate` screen."""
-    parts: list[Any] = [Text(title, style="bold"), group_table(est, "per GPU (most loaded rank), GiB", "gpu")]
+    gpu_title = f"per GPU (most loaded rank) at the {est.per_gpu.peak_phase} peak, GiB"
+    parts: list[Any] = [Text(title, style="bold"), group_table(est, gpu_title, "gpu")]
     if est.host.total_bytes:
-        parts.append(group_table(est, "host RAM per node (all its ranks), GiB", "host"))
+        host_title = f"host RAM per node (all its ranks) at the {est.host.peak_phase} peak, GiB"
+        parts.append(group_table(est, host_title, "host"))
     parts += [Text(""), bar("per GPU", est.per_gpu), bar("host", est.host), legend()]
     if est.nvme_bytes:
         parts.append(Text(f"NVMe per node: {gib(est.nvme_bytes)}"))
@@ -147,6 +156,10 @@ def _budget_json(b: Budget) -> dict[str, Any]:
     return {
         "total_bytes": b.total_bytes,
         "capacity_bytes": b.capacity_bytes,
+        "tensor_bytes": b.tensor_bytes,
+        "overhead_bytes": b.overhead_bytes,
+        "peak_phase": b.peak_phase.value,
+        "phase_totals": {ph.value: v for ph, v in b.phase_totals.items()},
         "by_category": {c.value: v for c, v in b.by_category.items()},
     }
 

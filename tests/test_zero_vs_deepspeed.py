@@ -139,6 +139,13 @@ def test_ledger_equals_deepspeed(stage, off_opt, off_param, frozen, overlap, pre
         measured = max(_storage(r["gradients"]["after_backward"]) for r in ranks)
         assert measured == grads + buffers
 
+    # The optimizer step's temporary: the partition's gradient in the master dtype.
+    temps = _sum(ledger, Category.TEMPORARIES)
+    if not off_opt:
+        during = max(_storage(r["gradients"]["during_step"]) for r in ranks)
+        persistent = grads + buffers if stage == 3 else 0
+        assert during == persistent + temps
+
     # Where it lives: offloaded states are on the host side of the ledger.
     if off_opt:
         assert _sum(ledger, Category.OPTIMIZER_STATES, (Place.GPU,)) == 0

@@ -1,4 +1,5 @@
-"""The estimate as a table: layer groups x categories, in bytes, per GPU and per host.
+"""The estimate as a table: layer groups x categories, in bytes, per GPU and per host, at the
+phase of the step where each budget peaks.
 
 No arithmetic about models lives here, only the shape of the answer and how its rows add up.
 GiB appear only in `planner.render`.
@@ -19,7 +20,13 @@ class Category(StrEnum):
     GRADIENTS = "gradients"
     MASTER_WEIGHTS = "master_weights"
     OPTIMIZER_STATES = "optimizer_states"
-    BUFFERS = "buffers"  # engine buffers: gradient buckets, offload staging and temp buffers
+    ACTIVATIONS = "activations"  # saved for backward (and the forward's live outputs)
+    TEMPORARIES = "temporaries"  # alive only inside one op or one phase
+    BUFFERS = "buffers"  # engine buffers: gradient buckets, gathered ZeRO-3 params, offload staging
+    OVERHEAD = "overhead"  # not tensors: CUDA context, library workspaces, allocator reserve, process
+
+
+TENSOR_CATEGORIES = tuple(c for c in Category if c is not Category.OVERHEAD)
 
 
 class Place(StrEnum):
@@ -30,38 +37,68 @@ class Place(StrEnum):
     NVME = "nvme"
 
 
+class Phase(StrEnum):
+    """Where in the run a byte is alive. The peak is the largest phase, not the sum."""
+
+    LOAD = "load"  # building the model and loading its weights, before training
+    FORWARD = "forward"
+    BACKWARD = "backward"
+    OPTIMIZER = "optimizer"
+
+
+STEP = frozenset({Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER})
+ALWAYS = frozenset(Phase)
+FROM_BACKWARD = frozenset({Phase.BACKWARD, Phase.OPTIMIZER})
+
 PADDING_ROW = "(zero padding)"
 """Pseudo-group for DeepSpeed's alignment padding of flat ZeRO-1/2 buffers."""
 ENGINE_ROW = "(engine)"
 """Pseudo-group for buffers that belong to the engine, not to a layer group."""
+RUNTIME_ROW = "(runtime)"
+"""Pseudo-group for overhead that is not tensors."""
 
 
 @dataclass(frozen=True, slots=True)
 class Item:
-    """Bytes one rank holds for one group, category and place."""
+    """Bytes one rank holds for one group, category and place, during some phases."""
 
     group: str
     category: Category
     place: Place
     nbytes: int
+    phases: frozenset[Phase] = ALWAYS
 
 
 @dataclass(frozen=True)
 class Budget:
-    """One memory budget (a GPU, or a node's host RAM) and what fills it.
+    """One memory budget (a GPU, or a node's host RAM) at its peak phase.
 
     Attributes:
         capacity_bytes: what the budget holds, bytes.
-        by_category: bytes per category.
+        by_category: bytes per category at the peak.
+        peak_phase: the phase where the total is largest.
+        phase_totals: the total of every phase, bytes.
     """
 
     capacity_bytes: int
     by_category: dict[Category, int]
+    peak_phase: Phase = Phase.OPTIMIZER
+    phase_totals: dict[Phase, int] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
-        """Sum over categories, bytes."""
+        """Sum over categories at the peak, bytes."""
         return sum(self.by_category.values())
+
+    @property
+    def overhead_bytes(self) -> int:
+        """The part of the total that is not tensors."""
+        return self.by_category.get(Category.OVERHEAD, 0)
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Tensors alive at the peak."""
+        return self.total_bytes - self.overhead_bytes
 
     @property
     def free_bytes(self) -> int:
@@ -76,7 +113,7 @@ class Budget:
 
 @dataclass(frozen=True)
 class GroupRow:
-    """One layer group's parameters and its share of the most loaded GPU and of one host."""
+    """One layer group's parameters and its share of each budget at that budget's peak."""
 
     name: str
     params: int
@@ -93,7 +130,7 @@ class Estimate:
         per_gpu: the most loaded rank's GPU.
         host: one node's host RAM (all its ranks together).
         nvme_bytes: bytes offloaded to NVMe per node.
-        groups: the table's rows, in model order (padding last).
+        groups: the table's rows, in model order (pseudo-rows last).
         binding: ``"gpu"`` or ``"host"``: the budget with the least room left (relative).
         notes: facts the user should read with the numbers (assumptions, resolved defaults).
     """
@@ -115,6 +152,14 @@ def _zero() -> dict[Category, int]:
     return {c: 0 for c in Category}
 
 
+def _peak(items: list[Item], scale: int) -> tuple[Phase, dict[Phase, int]]:
+    totals = {ph: sum(it.nbytes for it in items if ph in it.phases) * scale for ph in Phase}
+    # Ties go to the later phase of the step (the optimizer step holds everything so far).
+    order = [Phase.LOAD, Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER]
+    peak = max(order, key=lambda ph: (totals[ph], order.index(ph)))
+    return peak, totals
+
+
 def assemble(
     items: Iterable[Item],
     group_params: dict[str, tuple[int, int]],
@@ -123,35 +168,39 @@ def assemble(
     host_capacity: int,
     notes: Iterable[str] = (),
 ) -> Estimate:
-    """Sum one rank's items into the per-GPU budget, a node's host budget and the group rows.
-
-    Host bytes are per rank in ``items`` and multiplied by the ranks on a node.
+    """Sum one rank's items into the per-GPU budget, a node's host budget and the group rows,
+    each at its own peak phase. Host bytes are per rank in ``items`` and multiplied by the ranks
+    on a node.
 
     Args:
-        items: what the most loaded rank holds.
+        items: what the most loaded rank holds, with the phases each is alive in.
         group_params: group name -> (params, trainable params), in model order.
         gpus_per_node: ranks per node.
         gpu_capacity: bytes per GPU.
         host_capacity: host RAM per node, bytes.
         notes: notes to carry.
     """
+    items = list(items)
+    gpu_items = [it for it in items if it.place is Place.GPU]
+    host_items = [it for it in items if it.place is Place.HOST]
+    nvme = sum(it.nbytes for it in items if it.place is Place.NVME) * gpus_per_node
+    gpu_peak, gpu_totals = _peak(gpu_items, 1)
+    host_peak, host_totals = _peak(host_items, gpus_per_node)
     gpu_rows: dict[str, dict[Category, int]] = defaultdict(_zero)
     host_rows: dict[str, dict[Category, int]] = defaultdict(_zero)
-    nvme = 0
-    for it in items:
-        if it.place is Place.GPU:
+    for it in gpu_items:
+        if gpu_peak in it.phases:
             gpu_rows[it.group][it.category] += it.nbytes
-        elif it.place is Place.HOST:
+    for it in host_items:
+        if host_peak in it.phases:
             host_rows[it.group][it.category] += it.nbytes * gpus_per_node
-        else:
-            nvme += it.nbytes * gpus_per_node
     names = list(group_params)
-    names += [row for row in (PADDING_ROW, ENGINE_ROW) if row in gpu_rows or row in host_rows]
+    names += [r for r in (PADDING_ROW, ENGINE_ROW, RUNTIME_ROW) if r in gpu_rows or r in host_rows]
     rows = tuple(
         GroupRow(n, *group_params.get(n, (0, 0)), dict(gpu_rows.get(n) or _zero()), dict(host_rows.get(n) or _zero()))
         for n in names
     )
-    per_gpu = Budget(gpu_capacity, {c: sum(r.gpu[c] for r in rows) for c in Category})
-    host = Budget(host_capacity, {c: sum(r.host[c] for r in rows) for c in Category})
+    per_gpu = Budget(gpu_capacity, {c: sum(r.gpu[c] for r in rows) for c in Category}, gpu_peak, gpu_totals)
+    host = Budget(host_capacity, {c: sum(r.host[c] for r in rows) for c in Category}, host_peak, host_totals)
     binding = "gpu" if per_gpu.free_bytes / per_gpu.capacity_bytes <= host.free_bytes / host.capacity_bytes else "host"
     return Estimate(per_gpu, host, nvme, rows, binding, tuple(notes))

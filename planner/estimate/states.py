@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from planner.estimate.result import ENGINE_ROW, PADDING_ROW, Category, Item, Place
+from planner.estimate.result import ALWAYS, ENGINE_ROW, FROM_BACKWARD, PADDING_ROW, STEP, Category, Item, Phase, Place
 from planner.options import Engine, Offload, OptimizerImpl, Precision, TrainingOptions, ZeroStage
 from planner.units import DType, ceil_div, round_up
 from planner.workload import Param
@@ -26,6 +26,7 @@ ZERO12_ALIGNMENT = 2  # stage_1_and_2.py: nccl_start_alignment_factor = 2 (4-byt
 # DeepSpeed 0.19.8 zero/config.py defaults, elements.
 DS_REDUCE_BUCKET_SIZE = 500_000_000
 DS_PERSISTENCE_THRESHOLD = 100_000
+DS_SUB_GROUP_SIZE = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,14 @@ class ZeroSettings:
             gathered on every GPU (HF "auto": 10 x hidden_size).
         overlap_comm: ZeRO-1/2 double-buffer their bucket (DeepSpeed's default: on for stage 3 only).
         contiguous_gradients: gradients are copied into the bucket buffer as produced.
+        sub_group_size: ZeRO-3 steps its partitions in sub-groups of this many elements.
     """
 
     reduce_bucket_size: int = DS_REDUCE_BUCKET_SIZE
     param_persistence_threshold: int = DS_PERSISTENCE_THRESHOLD
     overlap_comm: bool = False
     contiguous_gradients: bool = True
+    sub_group_size: int = DS_SUB_GROUP_SIZE
 
     @classmethod
     def hf_auto(cls, hidden_size: int | None) -> ZeroSettings:
@@ -123,8 +126,24 @@ def _by_group(params: Iterable[Param], size) -> dict[str, int]:
     return dict(out)
 
 
-def _items(category: Category, place: Place, per_group: dict[str, int]) -> list[Item]:
-    return [Item(g, category, place, b) for g, b in per_group.items() if b]
+# When each category is alive unless a rule says otherwise: weights from loading on; master and
+# optimizer states from the engine's setup on (they exist before the first forward); gradients
+# from backward to the end of the optimizer step (set to None / freed by step()).
+_DEFAULT_PHASES = {
+    Category.WEIGHTS: ALWAYS,
+    Category.MASTER_WEIGHTS: STEP,
+    Category.OPTIMIZER_STATES: STEP,
+    Category.GRADIENTS: FROM_BACKWARD,
+    Category.BUFFERS: STEP,
+    Category.TEMPORARIES: frozenset({Phase.OPTIMIZER}),
+}
+
+
+def _items(
+    category: Category, place: Place, per_group: dict[str, int], phases: frozenset[Phase] | None = None
+) -> list[Item]:
+    alive = phases if phases is not None else _DEFAULT_PHASES[category]
+    return [Item(g, category, place, b, alive) for g, b in per_group.items() if b]
 
 
 def model_state_items(
@@ -246,7 +265,7 @@ def _zero12_items(
         grads = {g: e * sd.itemsize for g, e in rank_share.items()}
         if options.zero is ZeroStage.GRADIENTS and grad_accum > 1:
             grads[ENGINE_ROW] = overlap[r] * wd.itemsize
-        items += _items(Category.GRADIENTS, Place.HOST, grads)
+        items += _items(Category.GRADIENTS, Place.HOST, grads, STEP)  # allocated at initialize(), kept
         # the 16-bit staging copy of the partition (L566-L576) and the temp grad buffers of the
         # largest parameter, one pinned on the host and one on the GPU (L653-L661)
         items += _items(Category.BUFFERS, Place.HOST, {ENGINE_ROW: (part + largest) * wd.itemsize})
@@ -261,10 +280,13 @@ def _zero12_items(
         per_rank = [sum(p.numel for p in trained)] * world_size
     grad_elems = max(per_rank)
     items += _items(Category.GRADIENTS, Place.GPU, _spread(grad_elems * wd.itemsize, share))
+    # step(): each group's flat partition gradient cast to the master dtype (L3117-L3126)
+    items += _items(Category.TEMPORARIES, Place.GPU, {ENGINE_ROW: part * sd.itemsize})
     if options.zero is ZeroStage.GRADIENTS or options.zero is ZeroStage.OPTIMIZER_STATES:
         # IPG bucket(s), reduce_bucket_size elements each, while backward runs (x2 with overlap_comm)
         buckets = 2 if zero.overlap_comm else 1
-        items += _items(Category.BUFFERS, Place.GPU, {ENGINE_ROW: buckets * zero.reduce_bucket_size * wd.itemsize})
+        ipg = {ENGINE_ROW: buckets * zero.reduce_bucket_size * wd.itemsize}
+        items += _items(Category.BUFFERS, Place.GPU, ipg, frozenset({Phase.BACKWARD}))  # freed in the epilogue
     return items
 
 
@@ -297,11 +319,13 @@ def _zero3_items(params: Sequence[Param], options: TrainingOptions, world_size: 
     items += _items(
         Category.WEIGHTS, Place.GPU, _by_group([p for p in frozen if persistent(p)], lambda p: part(p) * wd.itemsize)
     )
-    # Persistent parameters' gathered copies, ceil_to(n, world) elements each (L1376-L1402).
+    # Persistent parameters' gathered copies, ceil_to(n, world) elements each (L1376-L1402);
+    # step() releases them first and gathers them again after (stage3.py L2878, L2839-L2841).
     items += _items(
         Category.WEIGHTS,
         Place.GPU,
         _by_group([p for p in params if persistent(p)], lambda p: round_up(p.numel, world_size) * wd.itemsize),
+        frozenset({Phase.FORWARD, Phase.BACKWARD}),
     )
     share = _by_group(trained, part)
     total = sum(share.values())
@@ -313,9 +337,13 @@ def _zero3_items(params: Sequence[Param], options: TrainingOptions, world_size: 
     # grad_partitions_flat_buffer in the gradient-accumulation dtype (= model dtype), on the
     # optimizer's device; offloaded, the master partition's .grad adds sd bytes (L761-L803, L1337).
     grad_bytes = wd.itemsize + (sd.itemsize if offload_opt else 0)
-    items += _items(Category.GRADIENTS, opt_place, {g: e * grad_bytes for g, e in share.items()})
+    items += _items(Category.GRADIENTS, opt_place, {g: e * grad_bytes for g, e in share.items()}, STEP)
     if zero.contiguous_gradients:  # the IPG buffer, persistent, on the GPU (L779-L784)
         items += _items(Category.BUFFERS, Place.GPU, {ENGINE_ROW: zero.reduce_bucket_size * wd.itemsize})
+    if not offload_opt:
+        # step(): each sub-group's gradient in the master dtype, one sub-group at a time (L2683-L2741)
+        first = min(total, zero.sub_group_size)
+        items += _items(Category.TEMPORARIES, Place.GPU, {ENGINE_ROW: first * sd.itemsize})
     return items
 
 
@@ -334,4 +362,7 @@ def _deepspeed_stage0_items(params: Sequence[Param], options: TrainingOptions) -
     else:
         states = _by_group(trained, lambda p: optimizer_state_bytes((p.numel,), impl, DType.FP32))
     items += _items(Category.OPTIMIZER_STATES, Place.GPU, states)
+    if wd is not DType.FP32:  # FP16_Optimizer.step(): an fp32 flat gradient per group (L282-L314)
+        total = sum(p.numel for p in trained)
+        items += _items(Category.TEMPORARIES, Place.GPU, {ENGINE_ROW: total * DType.FP32.itemsize})
     return items

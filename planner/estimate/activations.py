@@ -1,0 +1,1220 @@
+"""Activations and step temporaries: what one training step of a decoder LLM holds beyond the model states.
+
+Pure arithmetic (no torch, no I/O). The step is *replayed* on a byte ledger: the forward of the
+transformers model is written out op by op (transformers 5.24 ``models/<type>/modeling_<type>.py``),
+each op allocates its outputs and records an autograd node with the tensors it saves, exactly as
+the real op does; the backward then runs the nodes in reverse creation order, as the autograd
+engine does, allocating each node's gradients, releasing its saved tensors and accumulating
+gradients where a tensor feeds two consumers. Peaks are taken after every op, by phase. This is
+more code than a closed formula, but the closed formulas (docs/activations.md) fall out of it, and
+it gets the *moment* of each peak right, which a sum of saved tensors does not: the backward
+peak is sometimes the loss backward, sometimes a decoder layer's backward, sometimes the last
+embedding gradient.
+
+Docs: docs/activations.md derives every rule and records the comparison with ``planner.trace``
+(tests/test_activations_vs_trace.py; benchmarks/accuracy.py for full-size models).
+
+Conventions:
+    * b = micro-batch, s = sequence length, N = b*s tokens, h = hidden, I = intermediate, V = vocab,
+      nh / nkv = query / key-value heads, hd = head dim.
+    * every tensor is one storage rounded up to 512 bytes (``ALLOC_GRANULE_BYTES``), as the CUDA
+      caching allocator rounds each block and as ``MemTracker`` counts them.
+    * categories follow MemTracker: ``activations`` (born in forward or in a checkpoint
+      recomputation), ``temporaries`` (born in backward or in the optimizer step), ``gradients``
+      (parameter ``.grad``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from planner.architectures import ProfileError, decoder_tensors
+from planner.options import OptimizerImpl
+
+# --------------------------------------------------------------------------------------------
+# Constants (each with where it comes from)
+# --------------------------------------------------------------------------------------------
+
+ALLOC_GRANULE_BYTES = 512
+"""Every CUDA caching-allocator block is a multiple of 512 bytes (c10/cuda/CUDACachingAllocator.cpp
+``kMinBlockSize``); torch 2.13 ``MemTracker`` rounds each storage the same way on cuda."""
+
+FP32, HALF, INT64 = 4, 2, 8
+"""Element sizes in bytes: float32; bfloat16/float16; int64 token ids."""
+
+FLASH_BWD_SEQ_ROUND = 128
+"""FlashAttention-2 backward rounds the query length to a multiple of 128 for ``dq_accum`` and
+``softmax_d`` (flash_attn ``mha_bwd``: ``seqlen_q_rounded = round_multiple(seqlen_q, 128)``; the
+same code is vendored in torch aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp)."""
+
+FLASH_BWD_HEAD_ROUND = 32
+"""... and the head dim to a multiple of 32 (``head_size_rounded``, head dims <= 192; 256 above)."""
+
+EFFICIENT_LSE_ROUND = 32
+"""Memory-efficient attention's logsumexp is [b, nh, ceil(s/32)*32] fp32
+(torch/_meta_registrations.py ``meta__scaled_dot_product_efficient_attention``)."""
+
+FLASH_RNG_TENSORS = 2
+"""sdpa flash saves ``rng_state`` (2 x uint64) and an ``unused`` 0-dim uint64 for backward
+(``_scaled_dot_product_flash_attention``); memory-efficient saves ``philox_seed`` and
+``philox_offset`` (two 0-dim int64). One 512-byte block each."""
+
+PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "pure-bf16")
+ATTENTIONS = ("eager", "sdpa", "flash_attention_2")
+PHASES = ("forward", "backward", "optimizer")
+CATEGORIES = ("activations", "temporaries", "gradients")
+
+
+def _round(nbytes: int) -> int:
+    """Bytes one storage of ``nbytes`` occupies (0 stays 0: empty tensors own no block)."""
+    if nbytes <= 0:
+        return 0
+    return -(-nbytes // ALLOC_GRANULE_BYTES) * ALLOC_GRANULE_BYTES
+
+
+# --------------------------------------------------------------------------------------------
+# Public result
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Bytes one GPU holds beyond the model states during one training step, by phase.
+
+    Each phase's figures are what is alive at that phase's own peak (the moment when
+    activations + temporaries + gradients is largest within the phase). Weights, optimizer states
+    and master weights are constant during a step and are *not* included; add them
+    (``planner.estimate.states``) to get the phase totals. Gradients are included where the
+    engine holds them as ``.grad`` (plain PyTorch): they build up during backward and are all
+    alive in the optimizer step.
+
+    Attributes:
+        forward_activations: tensors born in forward and alive at the forward peak (what is saved
+            for backward, the autocast weight copies, and the transient at the peak: usually the
+            logits and the loss's fp32 copies).
+        forward_temporaries: always 0 today (the forward allocates only activations); kept so
+            the three phases read alike.
+        held_for_backward: activations alive once forward and loss are done and the outputs are
+            dropped (``TraceResult.after_forward``): what backward starts from.
+        backward_activations: forward-born (and recomputed) tensors alive at the backward peak.
+        backward_temporaries: gradients of activations and kernel outputs alive at the backward
+            peak.
+        backward_gradients: parameter gradients alive at the backward peak.
+        optimizer_gradients: parameter gradients during the optimizer step (all of them).
+        optimizer_temporaries: gradient clipping and optimizer-step temporaries at their peak.
+        inputs: token ids and labels (int64), alive the whole step.
+        peak_phase: the phase whose total (these figures + the constant model states) is largest.
+    """
+
+    forward_activations: int
+    forward_temporaries: int
+    held_for_backward: int
+    backward_activations: int
+    backward_temporaries: int
+    backward_gradients: int
+    optimizer_gradients: int
+    optimizer_temporaries: int
+    inputs: int
+    peak_phase: str
+
+    def phase_bytes(self, phase: str) -> int:
+        """Bytes beyond the model states at ``phase``'s peak (inputs included)."""
+        if phase == "forward":
+            return self.forward_activations + self.forward_temporaries + self.inputs
+        if phase == "backward":
+            return self.backward_activations + self.backward_temporaries + self.backward_gradients + self.inputs
+        if phase == "optimizer":
+            return self.optimizer_gradients + self.optimizer_temporaries + self.inputs
+        raise ValueError(f"phase must be one of {PHASES}; got {phase!r}")
+
+    @property
+    def peak_bytes(self) -> int:
+        """Bytes beyond the model states at the step's peak."""
+        return self.phase_bytes(self.peak_phase)
+
+
+# --------------------------------------------------------------------------------------------
+# The ledger and a tiny autograd
+# --------------------------------------------------------------------------------------------
+
+
+class _Tape:
+    """Live bytes by category, with a reference count per storage and a peak per phase."""
+
+    def __init__(self) -> None:
+        self._size: dict[int, int] = {}
+        self._cat: dict[int, str] = {}
+        self._refs: dict[int, int] = {}
+        self._next = 0
+        self.now = dict.fromkeys(CATEGORIES, 0)
+        self.total = 0
+        self.phase = "forward"
+        self.peaks: dict[str, tuple[int, dict[str, int]]] = {}
+
+    def alloc(self, nbytes: int, cat: str) -> int:
+        h = self._next
+        self._next += 1
+        size = _round(nbytes)
+        self._size[h], self._cat[h], self._refs[h] = size, cat, 1
+        self.now[cat] += size
+        self.total += size
+        return h
+
+    def ref(self, h: int | None) -> None:
+        if h is not None:
+            self._refs[h] += 1
+
+    def unref(self, h: int | None) -> None:
+        if h is None:
+            return
+        self._refs[h] -= 1
+        if self._refs[h] == 0:
+            size, cat = self._size.pop(h), self._cat.pop(h)
+            del self._refs[h]
+            self.now[cat] -= size
+            self.total -= size
+
+    def retype(self, h: int, cat: str) -> None:
+        old = self._cat[h]
+        self.now[old] -= self._size[h]
+        self.now[cat] += self._size[h]
+        self._cat[h] = cat
+
+    def tick(self) -> None:
+        """Record the current total as the phase peak if it is at least as large (the tracer keeps
+        the last of equal peaks too)."""
+        best = self.peaks.get(self.phase)
+        if best is None or self.total >= best[0]:
+            self.peaks[self.phase] = (self.total, dict(self.now))
+
+
+@dataclass(eq=False)
+class _Param:
+    """One parameter tensor of the model (its bytes are model states, not on the tape)."""
+
+    name: str
+    numel: int
+    item: int
+    trainable: bool
+    grad: _T | None = None
+
+
+@dataclass(eq=False)
+class _T:
+    """A tensor: its element count and size, whether it requires grad, and its storage on the tape
+    (``None`` for parameters and for tensors that own no bytes)."""
+
+    numel: int
+    item: int
+    rg: bool
+    st: int | None = None
+    param: _Param | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.item
+
+
+@dataclass(eq=False)
+class _Node:
+    """An autograd node: the tensors whose gradients it consumes (``outs``), the tensors it sends
+    gradients to (``ins``), what it saved, and how its backward allocates (``bw``)."""
+
+    outs: list[_T]
+    ins: list[_T]
+    saved: list[_T]
+    bw: Callable[[_Sim, list[_T | None]], list[_T | None]]
+
+
+@dataclass
+class _Segment:
+    """Nodes of one region of the forward; a checkpointed decoder layer keeps what it needs to
+    recompute itself (its input and a function that replays it)."""
+
+    nodes: list[_Node] = field(default_factory=list)
+    recompute: Callable[[], _T] | None = None
+    out: _T | None = None
+    held: list[_T] = field(default_factory=list)
+
+
+def _promote(a: int, b: int) -> int:
+    """Result element size of a binary op (bf16 with fp32 gives fp32)."""
+    return max(a, b)
+
+
+class _Sim:
+    """Forward op helpers that allocate on the tape and record nodes; backward engine."""
+
+    def __init__(self, *, autocast: bool, compute_item: int) -> None:
+        self.tape = _Tape()
+        self.autocast = autocast
+        self.c = compute_item
+        self.segments: list[_Segment] = [_Segment()]
+        self.placeholder = False  # inside a checkpointed region during the original forward
+        self.skip_alloc = False  # checkpoint early stop: the op after the last save never runs
+        self.cache: dict[int, _T] | None = None  # autocast weight cache (id(param) -> cast)
+        self.slots: dict[int, _T] = {}
+
+    # ---- tensors -------------------------------------------------------------------------
+    def new(self, numel: int, item: int, rg: bool = False) -> _T:
+        cat = "activations" if self.tape.phase == "forward" else "temporaries"
+        if self.skip_alloc:
+            return _T(numel, item, rg)
+        t = _T(numel, item, rg, self.tape.alloc(numel * item, cat))
+        self.tape.tick()
+        return t
+
+    def alias(self, t: _T) -> _T:
+        """Another Python reference to ``t`` (a view, or the same tensor returned)."""
+        self.tape.ref(t.st)
+        return t
+
+    def drop(self, *ts: _T | None) -> None:
+        for t in ts:
+            if t is not None:
+                self.tape.unref(t.st)
+
+    def node(self, outs: list[_T], ins: list[_T | None], saved: list[_T | None], bw) -> None:  # noqa: ANN001
+        ins_ = [t for t in ins if t is not None]
+        if not any(t.rg for t in ins_):
+            return
+        kept = [] if self.placeholder else [t for t in saved if t is not None and t.st is not None]
+        for t in kept:
+            self.tape.ref(t.st)
+        self.segments[-1].nodes.append(_Node(outs, list(ins), kept, bw))
+
+    # ---- backward -------------------------------------------------------------------------
+    def grad(self, like: _T, item: int | None = None, numel: int | None = None) -> _T:
+        """A new gradient tensor (temporary) shaped like ``like``."""
+        return self.new(like.numel if numel is None else numel, like.item if item is None else item)
+
+    def run_node(self, n: _Node) -> None:
+        gouts = [self.slots.pop(id(o), None) for o in n.outs]
+        if all(g is None for g in gouts):
+            for t in n.saved:
+                self.tape.unref(t.st)
+            return
+        grads = n.bw(self, gouts)
+        for t in n.saved:
+            self.tape.unref(t.st)
+        self.drop(*gouts)
+        for t, g in zip(n.ins, grads, strict=True):
+            if g is None:
+                continue
+            if t is None or not t.rg:
+                self.drop(g)
+                continue
+            self.route(t, g)
+
+    def route(self, t: _T, g: _T) -> None:
+        """Deliver gradient ``g`` to ``t`` (the engine's validate_outputs cast, then InputBuffer
+        accumulation or AccumulateGrad)."""
+        if g.item != t.item:  # torch/csrc/autograd/engine.cpp validate_outputs: grad.to(input dtype)
+            cast = self.new(g.numel, t.item)
+            self.drop(g)
+            g = cast
+        if t.param is not None:
+            p = t.param
+            if p.grad is None:  # AccumulateGrad steals the fresh gradient
+                p.grad = g
+                if g.st is not None:
+                    self.tape.retype(g.st, "gradients")
+            else:  # a second use (tied lm_head / embedding): in place, variable.grad += new_grad
+                self.drop(g)
+            return
+        old = self.slots.get(id(t))
+        if old is None:
+            self.slots[id(t)] = g
+            return
+        merged = self.new(t.numel, t.item)  # InputBuffer::add: old + new, out of place (measured)
+        self.drop(old, g)
+        self.slots[id(t)] = merged
+
+    def backward(self, loss: _T) -> None:
+        self.tape.phase = "backward"
+        self.slots[id(loss)] = self.new(1, FP32)  # torch.ones_like(loss), the root gradient
+        for seg in reversed(self.segments):
+            nodes = seg.nodes
+            if seg.recompute is not None:
+                nodes = self._recompute(seg)
+            for n in reversed(nodes):
+                self.run_node(n)
+            self.drop(*seg.held)  # a checkpoint's inputs die with its nodes
+
+    def _recompute(self, seg: _Segment) -> list[_Node]:
+        """Non-reentrant checkpoint: replay the region under the forward's autocast state, keep
+        what its ops save, stop after the last save (torch.utils.checkpoint early stop)."""
+        assert seg.recompute is not None and seg.out is not None
+        outer, self.segments = self.segments, [_Segment()]
+        self.cache = {} if self.autocast else None
+        out = seg.recompute()
+        self.end_autocast()
+        nodes = self.segments[0].nodes
+        self.segments = outer
+        g = self.slots.pop(id(seg.out), None)
+        if g is not None:
+            self.slots[id(out)] = g
+        self.drop(out)
+        return nodes
+
+    # ---- autocast ---------------------------------------------------------------------------
+    def end_autocast(self) -> None:
+        """Leaving the outermost autocast region clears the weight cast cache
+        (aten/src/ATen/autocast_mode.cpp ``clear_cache``)."""
+        if self.cache is not None:
+            for t in self.cache.values():
+                self.drop(t)
+        self.cache = None
+
+    def cast_weight(self, w: _T) -> _T:
+        """The compute-dtype copy of a parameter for a lower-precision op. Under autocast an fp32
+        leaf that requires grad is cast once and cached until the region ends (``cached_cast``:
+        ``arg.is_leaf() && arg.requires_grad()``); a frozen one is cast at every use."""
+        if not self.autocast or w.item == self.c:
+            return self.alias(w)
+        if w.rg and self.cache is not None:
+            hit = self.cache.get(id(w.param))
+            if hit is None:
+                hit = self.new(w.numel, self.c, rg=True)
+                self.node([hit], [w], [], lambda s, g, w=w: [s.grad(w)])
+                self.cache[id(w.param)] = hit
+            return self.alias(hit)
+        out = self.new(w.numel, self.c, rg=w.rg)
+        self.node([out], [w], [], lambda s, g, w=w: [s.grad(w)])
+        return out
+
+    def cast(self, x: _T, item: int) -> _T:
+        """``x.to(dtype)``: a copy when the dtype changes (ToCopyBackward casts the gradient back)."""
+        if x.item == item:
+            return self.alias(x)
+        out = self.new(x.numel, item, rg=x.rg)
+        self.node([out], [x], [], lambda s, g, x=x: [s.grad(x)])
+        return out
+
+    def ac_in(self, x: _T) -> _T:
+        """An activation entering a lower-precision op under autocast (cast at every use)."""
+        return self.cast(x, self.c) if self.autocast else self.alias(x)
+
+    # ---- ops ------------------------------------------------------------------------------
+    def matmul(self, x: _T, w: _T, out_numel: int, *, w_is_weight: bool = True) -> _T:
+        """``x @ w`` (linear, bmm): saves x if w requires grad and w if x does (mm_mat1/mat2
+        backward); backward allocates both input gradients."""
+        out = self.new(out_numel, x.item, rg=x.rg or w.rg)
+        self.node([out], [x, w], [x if w.rg else None, w if x.rg else None],
+                  lambda s, g, x=x, w=w: [s.grad(x) if x.rg else None, s.grad(w) if w.rg else None])
+        return out
+
+    def mul(self, a: _T, b: _T | None, out_numel: int | None = None) -> _T:
+        """Elementwise ``a * b`` (``b`` None: a Python scalar). Saves each operand the other
+        needs; a broadcast operand's gradient is reduced (sum_to_size) from a full-size product."""
+        item = a.item if b is None else _promote(a.item, b.item)
+        numel = out_numel if out_numel is not None else max(a.numel, b.numel if b else 0)
+        rg = a.rg or (b is not None and b.rg)
+        out = self.new(numel, item, rg=rg)
+
+        def bw(s: _Sim, g: list[_T | None], a=a, b=b, numel=numel, item=item) -> list[_T | None]:
+            res: list[_T | None] = []
+            for x in (a, b):
+                if x is None or not x.rg:
+                    res.append(None)
+                    continue
+                full = s.new(numel, item)
+                if x.numel < numel:  # sum_to_size of a broadcast operand
+                    small = s.new(x.numel, item)
+                    s.drop(full)
+                    full = small
+                res.append(full)
+            return res
+
+        saved = [b if a.rg else None, a if (b is not None and b.rg) else None]
+        self.node([out], [a, b], saved, bw)
+        return out
+
+    def add(self, a: _T, b: _T) -> _T:
+        """``a + b``: saves nothing, passes the gradient to both (cast to each operand's dtype by
+        the engine)."""
+        out = _T(max(a.numel, b.numel), _promote(a.item, b.item), a.rg or b.rg)
+        if not self.skip_alloc:
+            out = self.new(out.numel, out.item, rg=out.rg)
+
+        def bw(s: _Sim, g: list[_T | None], a=a, b=b) -> list[_T | None]:
+            (go,) = g
+            return [s.alias(go) if a.rg else None, s.alias(go) if b.rg else None]
+
+        self.node([out], [a, b], [], bw)
+        return out
+
+    def unary_saving_input(self, x: _T) -> _T:
+        """silu / gelu(tanh) / exp-like ops that save their input; backward allocates one gradient
+        (``silu_backward`` / ``gelu_backward``)."""
+        out = self.new(x.numel, x.item, rg=x.rg)
+        self.node([out], [x], [x], lambda s, g, x=x: [s.grad(x)])
+        return out
+
+    def passthrough(self, x: _T, numel: int | None = None, item: int | None = None) -> _T:
+        """A new tensor whose backward just forwards (or views) the gradient: ``cat`` with an
+        empty cache tensor, ``clone``/``contiguous``."""
+        out = self.new(x.numel if numel is None else numel, x.item if item is None else item, rg=x.rg)
+        self.node([out], [x], [], lambda s, g, x=x: [s.alias(g[0])])
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# The decoder
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecoderDims:
+    """The config fields that size a decoder's activations (HF ``config.json`` names)."""
+
+    model_type: str
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    hidden_act: str
+    sliding_window: int | None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> DecoderDims:
+        """Read the fields (defaults as the transformers config classes set them)."""
+        names = {t.name for t in decoder_tensors(cfg)}  # validates model_type and required fields
+        heads = cfg["num_attention_heads"]
+        mtype = cfg["model_type"]
+        act_default = "gelu_pytorch_tanh" if mtype == "gemma" else "silu"
+        act = cfg.get("hidden_act", act_default)
+        if mtype == "gemma" and act == "gelu":  # GemmaConfig.__post_init__ maps legacy "gelu"
+            act = "gelu_pytorch_tanh"
+        if act not in ("silu", "gelu_pytorch_tanh", "gelu"):
+            raise ProfileError(f"hidden_act {act!r} is not modeled (silu, gelu_pytorch_tanh, gelu)")
+        window = cfg.get("sliding_window")
+        if mtype == "qwen2" and not cfg.get("use_sliding_window", False):
+            window = None  # Qwen2Config: sliding_window only applies with use_sliding_window
+        if mtype in ("llama", "gemma", "qwen3") and not cfg.get("use_sliding_window", mtype != "qwen3"):
+            window = None
+        if mtype in ("llama", "gemma"):
+            window = None
+        if mtype == "mistral" and "sliding_window" not in cfg:
+            window = 4096  # MistralConfig default when the field is absent
+        return cls(
+            model_type=mtype,
+            vocab=cfg["vocab_size"],
+            hidden=cfg["hidden_size"],
+            intermediate=cfg["intermediate_size"],
+            layers=cfg["num_hidden_layers"],
+            heads=heads,
+            kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            tied="lm_head.weight" not in names,
+            hidden_act=act,
+            sliding_window=window,
+        )
+
+
+def _lora_ranks(params: Sequence[Any] | None) -> dict[str, int]:
+    """``{linear stem: rank}`` from LoRA entries of a ``planner.workload`` inventory."""
+    out: dict[str, int] = {}
+    for p in params or ():
+        name = p.tensor.name
+        if name.endswith(".lora_A.weight"):
+            out[name.removesuffix(".lora_A.weight")] = p.tensor.shape[0]
+    return out
+
+
+class _Decoder:
+    """One training step of a ``*ForCausalLM`` decoder, replayed on a ``_Sim``."""
+
+    def __init__(self, dims: DecoderDims, *, micro_batch: int, seq_len: int, weight_item: int, autocast: bool,
+                 attn: str, grad_ckpt: bool, use_cache: bool, trainable: Mapping[str, bool],
+                 lora: Mapping[str, int], workspaces: bool) -> None:
+        self.d = dims
+        self.b, self.s = micro_batch, seq_len
+        self.N = micro_batch * seq_len
+        self.w_item = weight_item
+        self.autocast = autocast
+        self.c = HALF if (autocast or weight_item == HALF) else FP32
+        self.attn = attn
+        self.ckpt = grad_ckpt
+        self.use_cache = use_cache and not grad_ckpt
+        self.workspaces = workspaces
+        self.lora = lora
+        self.sim = _Sim(autocast=autocast, compute_item=self.c)
+        self.params: dict[str, _T] = {}
+        for t in decoder_tensors(_config_of(dims)):
+            p = _Param(t.name, t.numel, weight_item, trainable.get(t.name, True))
+            self.params[t.name] = _T(t.numel, weight_item, p.trainable, None, p)
+        if dims.tied:
+            self.params["lm_head.weight"] = self.params["model.embed_tokens.weight"]
+        for stem, r in lora.items():
+            w = self.params[stem + ".weight"]
+            out_f = w.numel // self._in_features(stem)
+            for suffix, numel in ((".lora_A.weight", r * self._in_features(stem)), (".lora_B.weight", out_f * r)):
+                p = _Param(stem + suffix, numel, weight_item, True)
+                self.params[stem + suffix] = _T(numel, weight_item, True, None, p)
+        self.a = FP32 if weight_item == FP32 else HALF  # residual stream: the embedding's dtype
+
+    # ---- shapes -----------------------------------------------------------------------------
+    def _in_features(self, stem: str) -> int:
+        d = self.d
+        leaf = stem.rsplit(".", 1)[-1]
+        return {"o_proj": d.heads * d.head_dim, "down_proj": d.intermediate}.get(leaf, d.hidden)
+
+    @property
+    def q_dim(self) -> int:
+        return self.d.heads * self.d.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.d.kv_heads * self.d.head_dim
+
+    def mask_needed(self) -> bool:
+        """Whether transformers materialises an attention mask: always for eager; for sdpa only
+        when a sliding window does not cover the sequence (masking_utils
+        ``_ignore_causal_mask_sdpa``: ``kv_length >= local_attention_size`` keeps the mask)."""
+        if self.attn == "eager":
+            return True
+        w = self.d.sliding_window
+        return self.attn == "sdpa" and w is not None and self.s >= w
+
+    # ---- building blocks -------------------------------------------------------------------
+    def linear(self, x: _T, stem: str, out_f: int) -> _T:
+        """``nn.Linear`` (+ a peft LoRA adapter): under autocast the input is cast at every call,
+        the weight through the cache; mm saves the input only for a trainable weight and the weight
+        only when the input requires grad."""
+        sim = self.sim
+        w = self.params[stem + ".weight"]
+        bias = self.params.get(stem + ".bias")
+        xc = sim.ac_in(x)
+        wc = sim.cast_weight(w)
+        out = sim.matmul(xc, wc, self.N * out_f)
+        sim.drop(wc)
+        if bias is not None:
+            bc = sim.cast_weight(bias)
+            if bias.rg:  # addmm: the bias gradient is grad.sum(0), computed in the same node
+                sim.node([out], [bc], [], lambda s, g, bc=bc: [s.grad(bc)])
+            out.rg = out.rg or bias.rg
+            sim.drop(bc)
+        if stem in self.lora:
+            r = self.lora[stem]
+            a = self.params[stem + ".lora_A.weight"]
+            bb = self.params[stem + ".lora_B.weight"]
+            xa = sim.ac_in(x)  # peft lora.Linear.forward: lora_B(lora_A(dropout(x))), dropout p=0: Identity
+            ac = sim.cast_weight(a)
+            mid = sim.matmul(xa, ac, self.N * r)
+            sim.drop(xa, ac)
+            bc = sim.cast_weight(bb)
+            low = sim.matmul(mid, bc, self.N * out_f)
+            sim.drop(mid, bc)
+            scaled = sim.mul(low, None)  # * scaling
+            sim.drop(low)
+            res = sim.add(out, scaled)
+            sim.drop(out, scaled)
+            out = res
+        sim.drop(xc)
+        return out
+
+    def rmsnorm(self, x: _T, name: str, rows: int) -> _T:
+        """Llama-style RMSNorm (Qwen2/Qwen3/Llama/Mistral/Phi-3 ``*RMSNorm.forward``):
+        ``x32 = x.to(fp32); x32 * rsqrt(x32.pow(2).mean(-1) + eps)``, cast back to the input dtype,
+        then ``weight * that`` (the weight's dtype wins the promotion). Gemma's variant multiplies
+        by ``1 + weight`` in fp32 before casting back (``GemmaRMSNorm``)."""
+        sim = self.sim
+        w = self.params[name]
+        x32 = sim.cast(x, FP32)
+        sq = sim.new(x.numel, FP32, rg=x32.rg)  # pow(2): saves its input
+        sim.node([sq], [x32], [x32], lambda s, g, x32=x32: _pow_bw(s, x32))
+        mean = sim.new(rows, FP32, rg=sq.rg)  # mean(-1): backward expands and divides
+        sim.node([mean], [sq], [], lambda s, g, sq=sq: [s.grad(sq)])
+        sim.drop(sq)
+        var = sim.new(rows, FP32, rg=mean.rg)  # + eps
+        sim.node([var], [mean], [], lambda s, g: [s.alias(g[0])])
+        sim.drop(mean)
+        r = sim.new(rows, FP32, rg=var.rg)  # rsqrt: saves its result
+        sim.node([r], [var], [r], lambda s, g, var=var: _rsqrt_bw(s, var))
+        sim.drop(var)
+        y = sim.mul(x32, r)
+        sim.drop(r, x32)
+        if self.d.model_type == "gemma":
+            wf = sim.cast(w, FP32)
+            one_plus = sim.new(w.numel, FP32, rg=w.rg)  # 1.0 + weight.float()
+            sim.node([one_plus], [wf], [], lambda s, g: [s.alias(g[0])])
+            sim.drop(wf)
+            out32 = sim.mul(y, one_plus)
+            sim.drop(y, one_plus)
+            out = sim.cast(out32, x.item)  # .type_as(x)
+            sim.drop(out32)
+            return out
+        yd = sim.cast(y, x.item)
+        sim.drop(y)
+        out = sim.mul(w, yd)
+        sim.drop(yd)
+        return out
+
+    def rope(self, x: _T, cos: _T, sin: _T) -> _T:
+        """``apply_rotary_pos_emb``: ``x * cos + rotate_half(x) * sin`` with
+        ``rotate_half = cat(-x2, x1)``. cos/sin have the embedding's dtype, so under amp the
+        product of a bf16 projection and fp32 cos is fp32. Phi-3 slices the rotary part and
+        concatenates the rest back (an extra copy)."""
+        sim = self.sim
+        half = x.numel // 2
+        t1 = sim.mul(x, cos, x.numel)
+        neg = sim.new(half, x.item, rg=x.rg)  # -x2, x2 a slice of x
+        sim.node([neg], [x], [], lambda s, g, x=x: [_slice_bw(s, x, g[0])])
+        rot = sim.new(x.numel, x.item, rg=x.rg)  # cat((-x2, x1)); x1 a slice of x
+
+        def cat_bw(s: _Sim, g: list[_T | None], x=x, neg=neg) -> list[_T | None]:
+            # CatBackward: views of the gradient; x1's SliceBackward allocates a full-size zeros
+            s.route(neg, s.alias(g[0]))
+            return [_slice_bw(s, x, g[0])]
+
+        sim.node([rot], [x], [], cat_bw)
+        sim.drop(neg)
+        t2 = sim.mul(rot, sin, x.numel)
+        sim.drop(rot)
+        out = sim.add(t1, t2)
+        sim.drop(t1, t2)
+        if self.d.model_type == "phi3":  # cat([rotated, x_pass]) with an empty x_pass, x_rot a slice
+            full = sim.new(out.numel, out.item, rg=out.rg)
+            sim.node([full], [out], [], lambda s, g: [s.alias(g[0])])
+            sim.drop(out)
+            out = full
+        return out
+
+    def heads(self, proj: _T) -> _T:
+        """``proj.view(b, s, heads, hd).transpose(1, 2)``: a view; its backward reshapes the
+        transposed gradient, which copies (``ViewBackward`` of a non-contiguous gradient)."""
+        sim = self.sim
+        out = _T(proj.numel, proj.item, proj.rg, proj.st)
+        sim.tape.ref(proj.st)
+        sim.node([out], [proj], [], lambda s, g, p=proj: [s.grad(p)])
+        return out
+
+    def attention_core(self, q: _T, k: _T, v: _T, mask: _T | None) -> _T:
+        """The attention kernel; returns the [b, s, nh*hd] input of o_proj."""
+        d, sim = self.d, self.sim
+        gqa = d.kv_heads != d.heads
+        if self.attn == "eager":
+            return self._eager(q, k, v, mask)
+        if self.attn == "sdpa" and mask is not None and gqa:
+            k, v = self._repeat_kv(k), self._repeat_kv(v)  # use_gqa_in_sdpa is False with a mask
+            gqa = False
+        else:
+            k, v = sim.alias(k), sim.alias(v)
+        # CUDA autocast lists sdpa as lower precision; transformers' FA2 path casts fp32 inputs too.
+        qc, kc, vc = sim.ac_in(q), sim.ac_in(k), sim.ac_in(v)
+        sim.drop(k, v)
+        if self.attn == "flash_attention_2" or (qc.item == HALF and mask is None and d.head_dim <= 256):
+            out = self._flash(qc, kc, vc)
+        elif not gqa:
+            out = self._efficient(qc, kc, vc, mask)
+        else:
+            out = self._math(qc, kc, vc, mask)
+        sim.drop(qc, kc, vc)
+        return out
+
+    def _flash(self, q: _T, k: _T, v: _T) -> _T:
+        """Flash attention (sdpa's ``_scaled_dot_product_flash_attention`` or FA2): saves q, k, v,
+        the output and an fp32 logsumexp [b, nh, s]; its output is laid out [b, s, nh, hd], so
+        o_proj reads it without a copy. Backward: dq, dk, dv, plus the kernel's fp32 dq
+        accumulator and softmax_d and, under GQA, full-head dk/dv before the reduction (real GPU
+        allocations a meta kernel cannot show; counted when ``workspaces``)."""
+        d, sim = self.d, self.sim
+        out = sim.new(self.N * self.q_dim, q.item, rg=q.rg or k.rg or v.rg)
+        lse = sim.new(self.b * d.heads * self.s, FP32)
+        rng = [sim.new(1, 2 * INT64), sim.new(1, INT64)][:FLASH_RNG_TENSORS]
+
+        def bw(s: _Sim, g: list[_T | None], q=q, k=k, v=v) -> list[_T | None]:
+            scratch = []
+            if self.workspaces:
+                srow = -(-self.s // FLASH_BWD_SEQ_ROUND) * FLASH_BWD_SEQ_ROUND
+                hdr = -(-d.head_dim // FLASH_BWD_HEAD_ROUND) * FLASH_BWD_HEAD_ROUND if d.head_dim <= 192 else 256
+                scratch.append(s.new(self.b * srow * d.heads * hdr, FP32))  # dq_accum
+                scratch.append(s.new(self.b * d.heads * srow, FP32))  # softmax_d
+                if d.kv_heads != d.heads:  # dk_expanded, dv_expanded
+                    scratch += [s.new(self.N * self.q_dim, k.item), s.new(self.N * self.q_dim, v.item)]
+            grads = [s.grad(q), s.grad(k), s.grad(v)]
+            s.drop(*scratch)
+            return grads
+
+        sim.node([out], [q, k, v], [q, k, v, out, lse, *rng], bw)
+        sim.drop(lse, *rng)
+        return out
+
+    def _efficient(self, q: _T, k: _T, v: _T, mask: _T | None) -> _T:
+        """Memory-efficient attention (``_scaled_dot_product_efficient_attention``; fp32 without
+        GQA, or with a mask): saves q, k, v, the output, a [b, nh, ceil(s/32)*32] fp32 logsumexp,
+        the philox seed/offset and the bias (the mask, converted to the query dtype, padded to a
+        multiple of 16 and expanded: ``preprocess_mask`` in torch's sdpa; in the traced router too)."""
+        d, sim = self.d, self.sim
+        bias = None
+        if mask is not None:
+            padded = -(-self.s // 16) * 16
+            bias = sim.new(self.b * self.s * padded, q.item)  # where(mask, 0, -inf) then pad
+        out = sim.new(self.N * self.q_dim, q.item, rg=q.rg or k.rg or v.rg)
+        lse_len = -(-self.s // EFFICIENT_LSE_ROUND) * EFFICIENT_LSE_ROUND
+        lse = sim.new(self.b * d.heads * lse_len, FP32)
+        seeds = [sim.new(1, INT64), sim.new(1, INT64)]
+        sim.node([out], [q, k, v], [q, k, v, out, lse, bias, *seeds],
+                 lambda s, g, q=q, k=k, v=v: [s.grad(q), s.grad(k), s.grad(v)])
+        sim.drop(lse, bias, *seeds)
+        return out
+
+    def _repeat_kv(self, x: _T) -> _T:
+        """``repeat_kv``: expand + reshape copies the kv heads up to nh heads; backward sums them."""
+        sim, rep = self.sim, self.d.heads // self.d.kv_heads
+        out = sim.new(x.numel * rep, x.item, rg=x.rg)
+        sim.node([out], [x], [], lambda s, g, x=x: [s.grad(x)])
+        return out
+
+    def _math(self, q: _T, k: _T, v: _T, mask: _T | None) -> _T:
+        """sdpa's math fallback (``_scaled_dot_product_attention_math``; fp32 with GQA): q and k
+        scaled by sqrt(scale), k/v repeated to nh heads (``repeat_interleave``), an fp32 causal
+        mask [s, s] built from ``ones.tril``, scores, ``scores + mask``, ``_safe_softmax`` (saved),
+        ``probs @ v``; the [b, nh, s, hd] result is copied into [b, s, nh*hd] for o_proj."""
+        d, sim = self.d, self.sim
+        S = self.b * d.heads * self.s * self.s
+        qs = sim.mul(q, None)
+        tri = sim.new(self.s * self.s, 1) if mask is None else None  # ones(L, S).tril()
+        fmask = sim.new(self.s * self.s, q.item) if mask is None else sim.alias(mask)
+        sim.drop(tri)
+        kr = self._repeat_kv(k) if d.kv_heads != d.heads else sim.alias(k)
+        vr = self._repeat_kv(v) if d.kv_heads != d.heads else sim.alias(v)
+        ks = sim.mul(kr, None)
+        scores = sim.matmul(qs, ks, S)
+        sim.drop(qs, ks)
+        masked = sim.add(scores, _T(fmask.numel, fmask.item, False, None))
+        sim.drop(scores)
+        probs = sim.new(S, masked.item, rg=masked.rg)
+        sim.node([probs], [masked], [probs], lambda s, g, m=masked: [s.grad(m)])
+        sim.drop(masked)
+        o = sim.matmul(probs, vr, self.N * self.q_dim)
+        sim.drop(probs, vr, kr, fmask)
+        out = sim.passthrough(o)  # transpose(1, 2).contiguous()
+        sim.drop(o)
+        return out
+
+    def _eager(self, q: _T, k: _T, v: _T, mask: _T | None) -> _T:
+        """``eager_attention_forward``: repeat_kv, ``q @ k^T`` (autocast casts both), ``* scaling``,
+        ``+ mask`` (the fp32 mask promotes bf16 scores to fp32), ``softmax(dtype=fp32)`` (saved),
+        ``.to(q.dtype)`` (saved by ``probs @ v``), and a contiguous copy of the output."""
+        d, sim = self.d, self.sim
+        S = self.b * d.heads * self.s * self.s
+        kr = self._repeat_kv(k) if d.kv_heads != d.heads else sim.alias(k)
+        vr = self._repeat_kv(v) if d.kv_heads != d.heads else sim.alias(v)
+        kc, qc = sim.ac_in(kr), sim.ac_in(q)
+        raw = sim.matmul(qc, kc, S)
+        sim.drop(kc)
+        scores = sim.mul(raw, None)
+        sim.drop(raw)
+        if mask is not None:
+            masked = sim.add(scores, _T(mask.numel, mask.item, False, None))
+            sim.drop(scores)
+            scores = masked
+        src = sim.cast(scores, FP32)  # softmax(..., dtype=float32) converts a 16-bit input first
+        probs = sim.new(S, FP32, rg=src.rg)
+        sim.node([probs], [src], [probs], lambda s, g, x=src: [s.grad(x)])
+        sim.drop(src, scores)  # measured: the masked scores are gone before the cast below
+        pc = sim.cast(probs, qc.item)
+        sim.drop(probs, qc)
+        vc = sim.ac_in(vr)
+        o = sim.matmul(pc, vc, self.N * self.q_dim)
+        sim.drop(pc, vc, vr, kr)
+        out = sim.passthrough(o)  # attn_output.transpose(1, 2).contiguous()
+        sim.drop(o)
+        return out
+
+    def attention(self, x: _T, i: int, cos: _T, sin: _T, mask: _T | None) -> _T:
+        """``*Attention.forward``: projections, (Qwen3) q/k norms, RoPE, the KV cache's copies,
+        the kernel and o_proj."""
+        d, sim = self.d, self.sim
+        p = f"model.layers.{i}.self_attn"
+        if d.model_type == "phi3":
+            qkv = self.linear(x, f"{p}.qkv_proj", self.q_dim + 2 * self.kv_dim)
+            parts = []
+            for n in (self.q_dim, self.kv_dim, self.kv_dim):  # qkv[..., a:b] slices
+                part = _T(self.N * n, qkv.item, qkv.rg, qkv.st)
+                sim.tape.ref(qkv.st)
+                sim.node([part], [qkv], [], lambda s, g, qkv=qkv: [_slice_bw(s, qkv, g[0])])
+                parts.append(part)
+            sim.drop(qkv)
+            q, k, v = (self.heads(t) for t in parts)
+            sim.drop(*parts)
+        else:
+            q0 = self.linear(x, f"{p}.q_proj", self.q_dim)
+            k0 = self.linear(x, f"{p}.k_proj", self.kv_dim)
+            v0 = self.linear(x, f"{p}.v_proj", self.kv_dim)
+            if d.model_type == "qwen3":  # q_norm / k_norm over head_dim, before the transpose
+                qn = self.rmsnorm(q0, f"{p}.q_norm.weight", self.N * d.heads)
+                kn = self.rmsnorm(k0, f"{p}.k_norm.weight", self.N * d.kv_heads)
+                sim.drop(q0, k0)
+                q0, k0 = qn, kn
+            q, k, v = self.heads(q0), self.heads(k0), self.heads(v0)
+            sim.drop(q0, k0, v0)
+        qe = self.rope(q, cos, sin)
+        sim.drop(q)
+        ke = self.rope(k, cos, sin)
+        sim.drop(k)
+        if self.use_cache:  # DynamicLayer.update: cat([empty, new]) copies keys and values
+            kk, vv = sim.passthrough(ke), sim.passthrough(v)
+            sim.drop(ke, v)
+            ke, v = kk, vv
+            self.cache_keep += [ke, v]
+            sim.tape.ref(ke.st)
+            sim.tape.ref(v.st)
+        o_in = self.attention_core(qe, ke, v, mask)
+        sim.drop(qe, ke, v)
+        out = self.linear(o_in, f"{p}.o_proj", d.hidden)
+        sim.drop(o_in)
+        return out
+
+    def mlp(self, x: _T, i: int) -> _T:
+        """Gated MLP: ``down(act(gate(x)) * up(x))``; Phi-3 computes gate and up in one matmul and
+        ``chunk``s it (SplitBackward concatenates the two gradients into one full-size tensor)."""
+        d, sim = self.d, self.sim
+        p = f"model.layers.{i}.mlp"
+        inter = self.N * d.intermediate
+        if d.model_type == "phi3":
+            gu = self.linear(x, f"{p}.gate_up_proj", 2 * d.intermediate)
+            gate = _T(inter, gu.item, gu.rg, gu.st)
+            up = _T(inter, gu.item, gu.rg, gu.st)
+            sim.tape.ref(gu.st)
+            sim.tape.ref(gu.st)
+
+            def split_bw(s: _Sim, g: list[_T | None], gu=gu) -> list[_T | None]:
+                return [s.grad(gu)]
+
+            sim.node([gate, up], [gu], [], split_bw)
+            sim.drop(gu)
+            act = sim.unary_saving_input(gate)
+            prod = sim.mul(up, act)
+            sim.drop(gate, up, act)
+        else:
+            gate = self.linear(x, f"{p}.gate_proj", d.intermediate)
+            act = sim.unary_saving_input(gate)
+            sim.drop(gate)
+            up = self.linear(x, f"{p}.up_proj", d.intermediate)
+            prod = sim.mul(act, up)
+            sim.drop(act, up)
+        out = self.linear(prod, f"{p}.down_proj", d.hidden)
+        sim.drop(prod)
+        return out
+
+    def layer(self, x: _T, i: int, cos: _T, sin: _T, mask: _T | None) -> _T:
+        """``*DecoderLayer.forward`` (pre-norm residual blocks)."""
+        sim = self.sim
+        p = f"model.layers.{i}"
+        h = self.rmsnorm(x, f"{p}.input_layernorm.weight", self.N)
+        a = self.attention(h, i, cos, sin, mask)
+        sim.drop(h)
+        mid = sim.add(x, a)
+        sim.drop(a)
+        h2 = self.rmsnorm(mid, f"{p}.post_attention_layernorm.weight", self.N)
+        m = self.mlp(h2, i)
+        sim.drop(h2)
+        out = sim.add(mid, m)
+        sim.drop(mid, m)
+        return out
+
+    # ---- the step ----------------------------------------------------------------------------
+    def forward(self) -> tuple[_T, int]:
+        """Forward with labels under the precision's autocast, then what HF Trainer does with the
+        outputs (accelerate's fp32 upcast under amp, then drop). Returns the loss and the bytes
+        held for backward."""
+        d, sim = self.d, self.sim
+        if self.autocast:
+            sim.cache = {}
+        emb_w = self.params["model.embed_tokens.weight"]
+        emb = sim.new(self.N * d.hidden, self.w_item, rg=emb_w.rg)
+        sim.node([emb], [emb_w], [], lambda s, g, w=emb_w: [s.grad(w)])  # embedding_dense_backward
+        if d.model_type == "gemma":  # GemmaTextScaledWordEmbedding: * embed_scale
+            scaled = sim.mul(emb, None)
+            sim.drop(emb)
+            emb = scaled
+        inputs_embeds = emb
+        self.cache_keep: list[_T] = []
+        mask = None
+        if self.mask_needed():
+            # masking_utils: a bool [b, 1, s, s] (expanded), turned into a float mask of the
+            # embeddings' dtype by eager_mask (torch.where), or kept bool for sdpa.
+            boolean = sim.new(self.s * self.s, 1)
+            if self.attn == "eager":
+                mask = sim.new(self.b * self.s * self.s, self.a)
+                sim.drop(boolean)
+            else:
+                mask = boolean
+        cos = sim.new(self.s * d.head_dim, self.a)  # rotary_emb: [1, s, hd] in the embeddings' dtype
+        sin = sim.new(self.s * d.head_dim, self.a)
+        x = sim.alias(inputs_embeds)
+        for i in range(d.layers):
+            if self.ckpt:
+                seg = _Segment(held=[sim.alias(x)])
+                sim.segments.append(seg)
+                sim.placeholder = True
+                out = self.layer(x, i, cos, sin, mask)
+                sim.placeholder = False
+                seg.out = out
+                seg.recompute = self._replay(x, i, cos, sin, mask)
+                sim.segments.append(_Segment())
+            else:
+                out = self.layer(x, i, cos, sin, mask)
+            sim.drop(x)
+            x = out
+        hn = self.rmsnorm(x, "model.norm.weight", self.N)
+        sim.drop(x)
+        sim.drop(inputs_embeds, cos, sin, mask)  # the base model returns
+        logits = self.linear(hn, "lm_head", d.vocab)
+        loss = self.loss(logits)
+        sim.drop(hn)  # *ForCausalLM.forward returns
+        sim.end_autocast()
+        if self.autocast and logits.item != FP32:  # accelerate convert_outputs_to_fp32
+            up = sim.new(logits.numel, FP32)
+            sim.drop(up)
+        sim.drop(logits, *self.cache_keep)  # HF Trainer drops the outputs
+        held = sim.tape.now["activations"] + sim.tape.now["temporaries"]
+        return loss, held
+
+    def _replay(self, x: _T, i: int, cos: _T, sin: _T, mask: _T | None) -> Callable[[], _T]:
+        def replay() -> _T:
+            self.sim.skip_alloc = False
+            h = self.rmsnorm(x, f"model.layers.{i}.input_layernorm.weight", self.N)
+            a = self.attention(h, i, cos, sin, mask)
+            self.sim.drop(h)
+            mid = self.sim.add(x, a)
+            self.sim.drop(a)
+            h2 = self.rmsnorm(mid, f"model.layers.{i}.post_attention_layernorm.weight", self.N)
+            m = self.mlp(h2, i)
+            self.sim.drop(h2)
+            self.sim.skip_alloc = True  # early stop: the residual add after the last save never runs
+            out = self.sim.add(mid, m)
+            self.sim.skip_alloc = False
+            self.sim.drop(mid, m)
+            return out
+
+        return replay
+
+    def loss(self, logits: _T) -> _T:
+        """``ForCausalLMLoss`` (transformers/loss/loss_utils.py): ``logits.float()``, labels padded
+        and shifted, ``cross_entropy`` = ``log_softmax`` (saved) + ``nll_loss``."""
+        sim = self.sim
+        lf = sim.cast(logits, FP32)
+        labels = sim.new(self.b * (self.s + 1), INT64)  # nn.functional.pad(labels, (0, 1))
+        target = sim.new(self.N, INT64) if self.b > 1 else sim.alias(labels)  # [..., 1:].contiguous()
+        sim.drop(labels)
+        lsm = sim.new(lf.numel, FP32, rg=lf.rg)
+        sim.node([lsm], [lf], [lsm], lambda s, g, lf=lf: [s.grad(lf)])  # _log_softmax_backward_data
+        sim.drop(lf)
+        loss = sim.new(1, FP32, rg=lsm.rg)
+        weight = sim.new(1, FP32)  # nll_loss total_weight
+        sim.node([loss], [lsm], [lsm, target, weight], lambda s, g, lsm=lsm: [s.grad(lsm)])  # nll_loss_backward
+        sim.drop(target, weight, lsm)
+        return loss
+
+
+def _config_of(d: DecoderDims) -> dict[str, Any]:
+    """Back to config fields for ``decoder_tensors``."""
+    cfg: dict[str, Any] = {
+        "model_type": d.model_type, "vocab_size": d.vocab, "hidden_size": d.hidden,
+        "intermediate_size": d.intermediate, "num_hidden_layers": d.layers, "num_attention_heads": d.heads,
+        "num_key_value_heads": d.kv_heads, "head_dim": d.head_dim, "tie_word_embeddings": d.tied,
+    }
+    return cfg
+
+
+def _pow_bw(s: _Sim, x: _T) -> list[_T | None]:
+    """``pow_backward``: ``grad * 2 * x.pow(1)``: two full-size intermediates and the result."""
+    a, b = s.new(x.numel, x.item), s.new(x.numel, x.item)
+    out = s.new(x.numel, x.item)
+    s.drop(a, b)
+    return [out]
+
+
+def _rsqrt_bw(s: _Sim, v: _T) -> list[_T | None]:
+    """``rsqrt`` backward: ``-0.5 * result.pow(3) * grad``."""
+    a, b = s.new(v.numel, v.item), s.new(v.numel, v.item)
+    out = s.new(v.numel, v.item)
+    s.drop(a, b)
+    return [out]
+
+
+def _slice_bw(s: _Sim, base: _T, g: _T | None) -> _T | None:
+    """``slice_backward``: a zero tensor of the base's full size with the slice copied in."""
+    if g is None or not base.rg:
+        return None
+    return s.new(base.numel, g.item)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer-phase temporaries
+# --------------------------------------------------------------------------------------------
+
+
+def clip_grad_norm_temporaries_bytes(n_grads: int) -> int:
+    """``torch.nn.utils.clip_grad_norm_`` (HF Trainer, max_grad_norm=1.0): one 0-dim norm per
+    gradient (``_foreach_norm``), their ``stack`` and the total norm alive together; the clip
+    coefficient then multiplies in place."""
+    if n_grads == 0:
+        return 0
+    return n_grads * _round(FP32) + _round(n_grads * FP32) + _round(FP32)
+
+
+def optimizer_step_temporaries_bytes(impl: OptimizerImpl | str, trainable_tensor_bytes: Sequence[int],
+                                     state_item: int) -> int:
+    """Temporaries of one optimizer step at its peak (torch 2.13 torch/optim/adamw.py, transformers
+    optimization.py Adafactor).
+
+    Args:
+        impl: the optimizer implementation.
+        trainable_tensor_bytes: bytes of each trainable tensor in its parameter dtype.
+        state_item: element size of the optimizer states (the parameter dtype for torch optimizers).
+    """
+    impl = OptimizerImpl(impl)
+    if not trainable_tensor_bytes:
+        return 0
+    sizes = list(trainable_tensor_bytes)
+    if impl is OptimizerImpl.TORCH_ADAMW_FOREACH:
+        # _multi_tensor_adamw: exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs), a full copy
+        # of the second moments, alive until _foreach_addcdiv_ has used it.
+        return sum(_round(b) for b in sizes)
+    if impl is OptimizerImpl.TORCH_ADAMW_FORLOOP:
+        # _single_tensor_adamw: (exp_avg_sq.sqrt() / bias_correction2_sqrt): sqrt and quotient of
+        # one tensor at a time.
+        return 2 * max(_round(b) for b in sizes)
+    if impl is OptimizerImpl.HF_ADAFACTOR:
+        # Adafactor.step: update = grad**2 + eps, then _approx_sq_grad's full outer product while
+        # the old update is still bound: two fp32 copies of one tensor; a 16-bit parameter adds
+        # its fp32 grad and fp32 data copies.
+        biggest = max(sizes)
+        elems = biggest // max(1, min(state_item, FP32)) if state_item else biggest
+        fp32 = _round(elems * FP32)
+        return 2 * fp32 + (2 * fp32 if state_item != FP32 else 0)
+    # fused AdamW (torch._fused_adamw_), DeepSpeed FusedAdam / CPU Adam, bitsandbytes 8-bit and
+    # SGD with momentum update in place.
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def _precision(precision: str, module_dtype_bytes: int | None, autocast: bool | None) -> tuple[int, bool]:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    w = FP32 if precision in ("fp32", "amp-bf16", "amp-fp16") else HALF
+    ac = precision.startswith("amp")
+    if module_dtype_bytes is not None:
+        if module_dtype_bytes not in (FP32, HALF):
+            raise ValueError("module_dtype_bytes must be 4 or 2")
+        w = module_dtype_bytes
+        ac = precision.startswith("amp") and w == FP32  # DeepSpeed casts the module, no autocast
+    if autocast is not None:
+        ac = autocast
+    return w, ac
+
+
+def _trainable_map(dims: DecoderDims, params: Sequence[Any] | None) -> dict[str, bool]:
+    """Which base tensors train: a name maps to True if any inventory entry of it trains (a peft
+    ``modules_to_save`` copy trains in the original's place)."""
+    if params is None:
+        return {}
+    out: dict[str, bool] = {}
+    for p in params:
+        if ".lora_" in p.tensor.name:
+            continue
+        out[p.tensor.name] = out.get(p.tensor.name, False) or bool(p.trainable)
+    return out
+
+
+def decoder_step_memory(
+    cfg: Mapping[str, Any],
+    *,
+    micro_batch: int,
+    seq_len: int,
+    precision: str,
+    attn: str = "sdpa",
+    grad_ckpt: bool = False,
+    optimizer_impl: OptimizerImpl | str = OptimizerImpl.TORCH_ADAMW_FUSED,
+    params: Sequence[Any] | None = None,
+    module_dtype_bytes: int | None = None,
+    autocast: bool | None = None,
+    use_cache: bool | None = None,
+    max_grad_norm: bool = True,
+    workspaces: bool = True,
+) -> StepMemory:
+    """What one training step of a ``*ForCausalLM`` decoder holds beyond its model states.
+
+    Args:
+        cfg: the HF config fields of the decoder (``model_type`` among qwen2, qwen3, llama,
+            mistral, gemma, phi3).
+        micro_batch, seq_len: tokens of one micro-step (no padding: a packed or unpadded batch).
+        precision: ``fp32``; ``amp-bf16`` / ``amp-fp16`` (fp32 weights, autocast over forward and
+            loss, as HF Trainer); ``pure-bf16`` (bf16 module, no autocast).
+        attn: ``eager``, ``sdpa`` (routed as a GPU does: flash for 16-bit without a mask, else
+            memory-efficient without GQA, else math) or ``flash_attention_2`` (saves like flash;
+            not traceable on a CPU-only machine).
+        grad_ckpt: HF's non-reentrant ``gradient_checkpointing_enable``: each decoder layer keeps
+            its input, and its forward is replayed during its backward.
+        optimizer_impl: the optimizer implementation (its step temporaries).
+        params: the run's parameter inventory (``planner.workload.trainable_inventory``): which
+            tensors train, and LoRA adapters (``*.lora_A.weight`` / ``*.lora_B.weight``).
+            None: everything trains.
+        module_dtype_bytes: the module's parameter dtype when it differs from what ``precision``
+            implies. DeepSpeed casts the module to 16 bit and runs no autocast: pass 2 with
+            ``amp-bf16``; activation-wise that is ``pure-bf16``.
+        autocast: override whether forward runs under autocast.
+        use_cache: whether the forward fills a ``DynamicCache`` (HF Trainer leaves the config's
+            ``use_cache``, True by default; gradient checkpointing turns it off). None: from cfg.
+        max_grad_norm: gradient clipping runs (HF Trainer default 1.0).
+        workspaces: count kernel workspaces that meta kernels do not show (FlashAttention
+            backward's dq accumulator, softmax_d and GQA-expanded dk/dv). The tracer cannot see
+            them; tests comparing with it pass False.
+    """
+    if attn not in ATTENTIONS:
+        raise ValueError(f"attn must be one of {', '.join(ATTENTIONS)}; got {attn!r}")
+    if micro_batch < 1 or seq_len < 2:
+        raise ValueError("micro_batch >= 1 and seq_len >= 2 are required")
+    dims = DecoderDims.from_config(cfg)
+    w_item, ac = _precision(precision, module_dtype_bytes, autocast)
+    cache = cfg.get("use_cache", True) if use_cache is None else use_cache
+    dec = _Decoder(dims, micro_batch=micro_batch, seq_len=seq_len, weight_item=w_item, autocast=ac, attn=attn,
+                   grad_ckpt=grad_ckpt, use_cache=bool(cache), trainable=_trainable_map(dims, params),
+                   lora=_lora_ranks(params), workspaces=workspaces)
+    sim = dec.sim
+    loss, held = dec.forward()
+    sim.backward(loss)
+    sim.drop(loss)
+    fwd = sim.tape.peaks["forward"][1]
+    bwd = sim.tape.peaks.get("backward", (0, dict.fromkeys(CATEGORIES, 0)))[1]
+
+    trained = {id(t.param): t for t in dec.params.values() if t.param is not None and t.param.trainable}
+    sizes = [_round(t.nbytes) for t in trained.values()]
+    opt_grads = sum(sizes)
+    clip = clip_grad_norm_temporaries_bytes(len(sizes)) if max_grad_norm else 0
+    step = optimizer_step_temporaries_bytes(optimizer_impl, [t.nbytes for t in trained.values()], w_item)
+    opt_tmp = max(clip, step)
+    inputs = 2 * _round(micro_batch * seq_len * INT64)
+    mem = {
+        "forward": fwd["activations"] + fwd["temporaries"] + fwd["gradients"],
+        "backward": bwd["activations"] + bwd["temporaries"] + bwd["gradients"],
+        "optimizer": opt_grads + opt_tmp,
+    }
+    phase = max(PHASES, key=lambda p: (mem[p], -PHASES.index(p)))
+    return StepMemory(
+        forward_activations=fwd["activations"],
+        forward_temporaries=fwd["temporaries"] + fwd["gradients"],
+        held_for_backward=held,
+        backward_activations=bwd["activations"],
+        backward_temporaries=bwd["temporaries"],
+        backward_gradients=bwd["gradients"],
+        optimizer_gradients=opt_grads,
+        optimizer_temporaries=opt_tmp,
+        inputs=inputs,
+        peak_phase=phase,
+    )
