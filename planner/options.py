@@ -119,6 +119,9 @@ class TrainingOptions(BaseModel):
     lora: LoraOptions | None = None
     pin_memory: bool = True
     """DeepSpeed's offload ``pin_memory``: offloaded states live in page-locked host memory."""
+    zero_init: bool = True
+    """ZeRO-3 builds the model under ``deepspeed.zero.Init`` (HF ``from_pretrained`` does), so no
+    rank ever holds the whole model; off, every rank loads all of it into host RAM first."""
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingOptions:

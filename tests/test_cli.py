@@ -42,12 +42,19 @@ def test_reference_case_is_host_bound():
     result = run("estimate", "--gpus", "2x3090", "--host-ram", "64GiB", "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
-    assert doc["host"]["total_bytes"] == 154_467_317_760
+    assert doc["host"]["tensor_bytes"] == 154_467_317_760
+    from planner.estimate.runtime import HOST_PROCESS_BYTES
+
+    assert doc["host"]["overhead_bytes"] == 2 * HOST_PROCESS_BYTES  # named constants, reported apart
+    assert doc["host"]["total_bytes"] == doc["host"]["tensor_bytes"] + doc["host"]["overhead_bytes"]
     assert doc["host"]["capacity_bytes"] == 64 * 2**30
     assert doc["fits"] is False and doc["binding"] == "host"
-    assert [g["name"] for g in doc["groups"]] == ["llm", "vpm", "resampler", "(engine)"]
-    # the engine row: ZeRO-3's persistent gradient bucket, reduce_bucket_size = 3584^2 bf16 elements
-    assert doc["groups"][3]["by_category"]["buffers"] == 3584 * 3584 * 2
+    assert [g["name"] for g in doc["groups"]] == ["llm", "vpm", "resampler", "(engine)", "(runtime)"]
+    # The engine row at the GPU's backward peak: ZeRO-3's persistent gradient bucket
+    # (reduce_bucket_size = 3584^2), the gathered lm_head (151700 x 3584, even) and the prefetch
+    # bucket (int(0.9 x 3584^2)), all bf16.
+    assert doc["per_gpu"]["peak_phase"] == "backward"
+    assert doc["groups"][3]["by_category"]["buffers"] == (3584 * 3584 + 151700 * 3584 + int(0.9 * 3584 * 3584)) * 2
     assert doc["groups"][1]["trainable_params"] == 0
     assert set(doc["per_gpu"]) >= {"total_bytes", "capacity_bytes", "by_category"}
     assert set(doc["per_gpu"]["by_category"]) >= {"weights", "gradients", "master_weights", "optimizer_states"}
@@ -79,7 +86,8 @@ def test_model_from_config_json(tmp_path):
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
-    (llm,) = doc["groups"]
+    llm = doc["groups"][0]
+    assert [g["name"] for g in doc["groups"]] == ["llm", "(runtime)"]
     import torch
     import transformers
 
@@ -89,7 +97,8 @@ def test_model_from_config_json(tmp_path):
     assert llm["params"] == llm["trainable_params"] == n
     # pure bf16 under plain PyTorch: bf16 weights and grads, fused AdamW's two bf16 states + fp32 step
     steps = len(list(real.parameters()))
-    assert doc["per_gpu"]["total_bytes"] == n * (2 + 2 + 4) + 4 * steps
+    states = doc["per_gpu"]["by_category"]
+    assert states["weights"] + states["gradients"] + states["optimizer_states"] == n * (2 + 2 + 4) + 4 * steps
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from planner.estimate.result import Estimate, assemble
+from planner.estimate.result import Estimate, Place, assemble
+from planner.estimate.runtime import ddp_bucket_items, gathered_param_items, loading_items, overhead_items
 from planner.estimate.states import ZeroSettings, model_state_items
 from planner.hardware import Cluster
 from planner.options import TrainingOptions
@@ -39,6 +40,14 @@ def estimate(
     params = trainable_inventory(model, options)
     zero = zero or ZeroSettings.hf_auto(model.hidden_size)
     items = model_state_items(params, options, cluster.world_size, zero, workload.grad_accum)
+    items += gathered_param_items(params, options, cluster.world_size, zero)
+    items += ddp_bucket_items(params, options, cluster.world_size)
+    zero3 = options.engine.value == "deepspeed" and int(options.zero) == 3
+    items += loading_items(params, options, zero_init=zero3 and options.zero_init)
+    gpu = [it for it in items if it.place is Place.GPU]
+    tensor_peak = max((sum(it.nbytes for it in gpu if ph in it.phases) for ph in {p for it in gpu for p in it.phases}),
+                      default=0)
+    items += overhead_items(cluster.world_size, tensor_peak)
     group_params: dict[str, tuple[int, int]] = {}
     for p in params:
         total, trained = group_params.get(p.group, (0, 0))
@@ -50,7 +59,4 @@ def estimate(
     return assemble(items, group_params, cluster.gpus_per_node, cluster.gpu_memory_bytes, cluster.host_ram_bytes, notes)
 
 
-STATES_ONLY_NOTE = (
-    "model states and engine buffers only: activations, ZeRO-3's gathered parameters and the CUDA"
-    " context are not in these figures yet"
-)
+STATES_ONLY_NOTE = "activations are not in these figures yet: model states, engine buffers and overhead only"

@@ -27,6 +27,8 @@ ZERO12_ALIGNMENT = 2  # stage_1_and_2.py: nccl_start_alignment_factor = 2 (4-byt
 DS_REDUCE_BUCKET_SIZE = 500_000_000
 DS_PERSISTENCE_THRESHOLD = 100_000
 DS_SUB_GROUP_SIZE = 1_000_000_000
+DS_PREFETCH_BUCKET_SIZE = 50_000_000
+DS_MAX_LIVE_PARAMETERS = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class ZeroSettings:
         overlap_comm: ZeRO-1/2 double-buffer their bucket (DeepSpeed's default: on for stage 3 only).
         contiguous_gradients: gradients are copied into the bucket buffer as produced.
         sub_group_size: ZeRO-3 steps its partitions in sub-groups of this many elements.
+        prefetch_bucket_size: ZeRO-3 gathers this many elements ahead (HF "auto": 0.9 hidden^2).
+        max_live_parameters: ZeRO-3's cap on gathered elements.
     """
 
     reduce_bucket_size: int = DS_REDUCE_BUCKET_SIZE
@@ -47,13 +51,19 @@ class ZeroSettings:
     overlap_comm: bool = False
     contiguous_gradients: bool = True
     sub_group_size: int = DS_SUB_GROUP_SIZE
+    prefetch_bucket_size: int = DS_PREFETCH_BUCKET_SIZE
+    max_live_parameters: int = DS_MAX_LIVE_PARAMETERS
 
     @classmethod
     def hf_auto(cls, hidden_size: int | None) -> ZeroSettings:
         """What HF Trainer writes for "auto" (transformers integrations/deepspeed.py L232-L242)."""
         if hidden_size is None:
             return cls()
-        return cls(reduce_bucket_size=hidden_size * hidden_size, param_persistence_threshold=10 * hidden_size)
+        return cls(
+            reduce_bucket_size=hidden_size * hidden_size,
+            param_persistence_threshold=10 * hidden_size,
+            prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
+        )
 
 
 def working_dtype(options: TrainingOptions) -> DType:
