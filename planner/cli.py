@@ -7,6 +7,7 @@ The edge of the flow. User errors become one-line messages with exit code 2; hea
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -62,6 +63,15 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
         raise click.BadParameter(str(exc)) from None
 
 
+def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    parts = value.lower().replace(" ", "").split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT in pixels, e.g. 1344x1344")
+    return int(parts[0]), int(parts[1])
+
+
 def _names(ctx: click.Context, param: click.Parameter, value: tuple[str, ...] | str | None) -> tuple[str, ...] | None:
     """Comma-separated and/or repeated names -> a tuple; None when not given."""
     if value is None or value == ():
@@ -79,7 +89,29 @@ profiles_dir_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """click's usage errors as one line on stderr, like the library's own errors, exit code 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as exc:
+            if standalone_mode:
+                sys.exit(exc.exit_code)
+            return exc.exit_code
+        except click.UsageError as exc:
+            hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
+            click.echo(f"memplan: error: {exc.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("memplan: aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="memplan")
 def main() -> None:
     """memplan: plan the memory of fine-tuning runs before they run out of it."""
@@ -155,6 +187,18 @@ Examples:
 @click.option(
     "--seq-len", type=click.IntRange(min=1), default=1024, show_default=True, help="Tokens per sample (context length)."
 )
+@click.option("--grad-ckpt/--no-grad-ckpt", default=True, show_default=True, help="Activation checkpointing.")
+@click.option("--attn", type=click.Choice(["eager", "sdpa", "flash_attention_2"]), default="sdpa", show_default=True,
+              help="The LLM's attention implementation.")
+@click.option("--images", type=click.IntRange(min=0), default=None,
+              help="Images per sample. [default: 1 for models with a vision tower, else 0]")
+@click.option("--image-size", callback=_image_size, help="WxH in pixels. [default: 1344x1344]")
+@click.option("--max-slice-nums", type=click.IntRange(min=1), default=None,
+              help="MiniCPM's slice cap per image. [default: 9; 1 for the reference setup]")
+@click.option("--audio-seconds", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds of audio per sample.")
+@click.option("--zero-init/--no-zero-init", default=True, show_default=True,
+              help="ZeRO-3 builds the model under deepspeed.zero.Init (no rank holds it whole).")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 @profiles_dir_option
 @user_errors
@@ -177,6 +221,13 @@ def estimate(
     micro_batch: int,
     grad_accum: int,
     seq_len: int,
+    grad_ckpt: bool,
+    attn: str,
+    images: int | None,
+    image_size: tuple[int, int] | None,
+    max_slice_nums: int | None,
+    audio_seconds: float,
+    zero_init: bool,
     as_json: bool,
     profiles_dirs: tuple[Path, ...],
 ) -> None:
@@ -190,9 +241,11 @@ def estimate(
     notes = []
     if model is None and train is None and freeze is None and without is None and lora_rank is None:
         without, freeze = REFERENCE_GROUPS["without"], REFERENCE_GROUPS["freeze"]
+        max_slice_nums = 1 if max_slice_nums is None else max_slice_nums
         notes.append(
             f"no --model: planning the reference setup: {DEFAULT_MODEL} as its finetune.py builds it"
-            " (without apm, audio_projection_layer, tts), vpm frozen, LLM and resampler trained"
+            " (without apm, audio_projection_layer, tts), vpm frozen, LLM and resampler trained,"
+            " one image per sample cut into at most 1 slice"
         )
     spec = load_model(model or DEFAULT_MODEL, catalog)
     cluster = _cluster(gpus, catalog, host_ram, notes)
@@ -222,8 +275,28 @@ def estimate(
         freeze=freeze or (),
         without=without or (),
         lora=lora,
+        grad_ckpt=grad_ckpt,
+        attn=attn,
+        zero_init=zero_init,
     )
-    workload = Workload(micro_batch=micro_batch, grad_accum=grad_accum, seq_len=seq_len)
+    built = {g.name for g in spec.groups} - set(options.without)
+    has_vision = any(g.kind == "siglip_vision" and g.name in built for g in spec.groups)
+    has_audio = any(g.kind == "whisper_encoder" and g.name in built for g in spec.groups)
+    if images is None:
+        images = 1 if has_vision else 0
+    if images and not has_vision:
+        raise UserError(f"--images {images}: {spec.name} has no vision tower in this run")
+    if audio_seconds and not has_audio:
+        raise UserError(f"--audio-seconds: {spec.name} has no audio encoder in this run")
+    workload = Workload(
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        seq_len=seq_len,
+        images=images,
+        max_slice_nums=max_slice_nums or 9,
+        audio_seconds=audio_seconds,
+        **({"image_size": image_size} if image_size else {}),
+    )
     est = run_estimate(spec, cluster, options, workload, notes=notes)
     from planner import render
 

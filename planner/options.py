@@ -84,6 +84,14 @@ class OptimizerImpl(StrEnum):
     TORCH_SGD = "torch.optim.SGD(momentum>0)"
 
 
+class Attention(StrEnum):
+    """The LLM's attention implementation (``attn_implementation``)."""
+
+    EAGER = "eager"  # keeps the [b, heads, s, s] scores and probabilities for backward
+    SDPA = "sdpa"  # torch SDPA: flash / memory-efficient kernels on a GPU for 16-bit inputs
+    FLASH_ATTENTION_2 = "flash_attention_2"
+
+
 class LoraOptions(BaseModel):
     """LoRA adapters (peft): rank, targets and the groups they go into."""
 
@@ -117,6 +125,10 @@ class TrainingOptions(BaseModel):
     without: tuple[str, ...] = ()
     """Groups the training script never builds (MiniCPM-o's script leaves out apm and tts)."""
     lora: LoraOptions | None = None
+    grad_ckpt: bool = False
+    """Non-reentrant activation checkpointing of every decoder (and vision) layer, as HF Trainer's
+    ``gradient_checkpointing`` sets it up."""
+    attn: Attention = Attention.SDPA
     pin_memory: bool = True
     """DeepSpeed's offload ``pin_memory``: offloaded states live in page-locked host memory."""
     zero_init: bool = True

@@ -13,18 +13,43 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from planner.architectures import Part, ProfileError, TensorKind, TensorSpec
+from planner.media import QUERY_TOKENS, AudioLayout, ImageLayout, audio_layout, image_layout
 from planner.options import LoraOptions, TrainingOptions
 from planner.profile import ModelSpec, close_matches
 
+DEFAULT_IMAGE_SIZE = (1344, 1344)
+"""A large square photo: with MiniCPM's default 9 slices it uses all of them (3 x 3 + thumbnail,
+the reference's own example); with fewer slices it is cut as finely as they allow."""
+
 
 class Workload(BaseModel):
-    """Samples and tokens of one micro-step on one GPU, and accumulation."""
+    """What one micro-step processes on one GPU, and accumulation.
+
+    ``seq_len`` is the LLM context per sample (``model_max_length``); image and audio tokens are
+    counted inside it, as MiniCPM's fine-tuning script does. The encoders see every crop and
+    every second whatever the truncation: the script does not drop images with the text.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     micro_batch: int = Field(default=1, gt=0)
     grad_accum: int = Field(default=1, gt=0)
     seq_len: int = Field(default=1024, gt=0)
+    images: int = Field(default=0, ge=0, description="images per sample")
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
+    """(width, height) in pixels."""
+    max_slice_nums: int = Field(default=9, gt=0)
+    audio_seconds: float = Field(default=0.0, ge=0)
+
+    def image_layout(self, query_tokens: int = QUERY_TOKENS) -> ImageLayout | None:
+        """How each image is cut (MiniCPM slicing), or None without images."""
+        if not self.images:
+            return None
+        return image_layout(*self.image_size, self.max_slice_nums, query_tokens)
+
+    def audio(self) -> AudioLayout | None:
+        """What each sample's audio becomes, or None without audio."""
+        return audio_layout(self.audio_seconds) if self.audio_seconds else None
 
 
 class Origin:

@@ -116,6 +116,10 @@ def test_model_from_config_json(tmp_path):
         (["--engine", "torch", "--zero", "2", "--offload-optimizer", "none", "--offload-param", "none"], "ZeRO needs"),
         (["--lora-targets", "q_proj"], "need --lora-rank"),
     (["--gpus", "auto"], "--gpus auto: no NVIDIA driver found"),
+    (["--zero", "7"], "Invalid value for '--zero'"),
+    (["--image-size", "12x"], "is not WIDTHxHEIGHT"),
+    (["--model", "qwen2.5-7b", "--images", "2"], "has no vision tower"),
+    (["--model", "minicpm-v-2.6", "--audio-seconds", "3"], "has no audio encoder"),
         (["--freeze", "vision"], "has no group 'vision'"),
     ],
 )
@@ -123,6 +127,7 @@ def test_bad_input_is_one_line_exit_2(args, message):
     result = CliRunner().invoke(main, ["estimate", "--host-ram", "64GiB", *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
+    assert result.output.startswith("memplan: error:") and result.output.count("\n") == 1
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
