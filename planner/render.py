@@ -190,3 +190,34 @@ def estimate_json(est: Estimate, extra: dict[str, Any] | None = None) -> dict[st
 def console() -> Console:
     """The console all commands print to."""
     return Console(highlight=False)
+
+
+def _err(e: float | None) -> str:
+    return "" if e is None else f"{e:+.1%}"
+
+
+def trace_view(report: Any) -> RichGroup:
+    """`memplan trace`: the estimate beside the traced step."""
+    req = report.request
+    title = (f"{report.model} ({report.group}), {req['precision']}, {req['optimizer']}, attn {req['attn']}, "
+             f"ckpt {'on' if req['grad_ckpt'] else 'off'}, {req['micro_batch']} x {req['seq_len']} tokens, "
+             f"traced on fake {req['device']} in {report.seconds:.0f} s")
+    table = Table(title="at each one's peak, GiB", title_justify="left")
+    for col, just in (("", "left"), ("estimate", "right"), ("traced", "right"), ("error", "right")):
+        table.add_column(col, justify=just)
+    for r in (*report.at_peak, report.peak):
+        table.add_row(r.label, _gib_cell(r.estimate), _gib_cell(r.traced), _err(r.error))
+    table.add_row("peak phase", report.peak_phase[0], report.peak_phase[1], "")
+    phases = Table(title="peak of each phase, GiB", title_justify="left")
+    for col in ("phase", "estimate", "traced", "error"):
+        phases.add_column(col, justify="left" if col == "phase" else "right")
+    for r in report.phases:
+        phases.add_row(r.label, _gib_cell(r.estimate), _gib_cell(r.traced), _err(r.error))
+    modules = Table(title="traced peak while each module ran (largest 8), GiB", title_justify="left")
+    modules.add_column("module")
+    modules.add_column("peak", justify="right")
+    for name, nbytes in sorted(report.modules.items(), key=lambda kv: -kv[1])[:8]:
+        modules.add_row(name, _gib_cell(nbytes))
+    parts: list[Any] = [Text(title, style="bold"), table, phases, modules]
+    parts += [Text(f"note: {n}", style="dim") for n in report.notes]
+    return RichGroup(*parts)

@@ -78,12 +78,14 @@ class Budget:
         by_category: bytes per category at the peak.
         peak_phase: the phase where the total is largest.
         phase_totals: the total of every phase, bytes.
+        phase_categories: bytes per category at every phase.
     """
 
     capacity_bytes: int
     by_category: dict[Category, int]
     peak_phase: Phase = Phase.OPTIMIZER
     phase_totals: dict[Phase, int] = field(default_factory=dict)
+    phase_categories: dict[Phase, dict[Category, int]] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -152,6 +154,14 @@ def _zero() -> dict[Category, int]:
     return {c: 0 for c in Category}
 
 
+def _by_phase(items: list[Item], scale: int) -> dict[Phase, dict[Category, int]]:
+    out = {ph: _zero() for ph in Phase}
+    for it in items:
+        for ph in it.phases:
+            out[ph][it.category] += it.nbytes * scale
+    return out
+
+
 def _peak(items: list[Item], scale: int) -> tuple[Phase, dict[Phase, int]]:
     totals = {ph: sum(it.nbytes for it in items if ph in it.phases) * scale for ph in Phase}
     # Ties go to the later phase of the step (the optimizer step holds everything so far).
@@ -200,7 +210,9 @@ def assemble(
         GroupRow(n, *group_params.get(n, (0, 0)), dict(gpu_rows.get(n) or _zero()), dict(host_rows.get(n) or _zero()))
         for n in names
     )
-    per_gpu = Budget(gpu_capacity, {c: sum(r.gpu[c] for r in rows) for c in Category}, gpu_peak, gpu_totals)
-    host = Budget(host_capacity, {c: sum(r.host[c] for r in rows) for c in Category}, host_peak, host_totals)
+    per_gpu = Budget(gpu_capacity, {c: sum(r.gpu[c] for r in rows) for c in Category}, gpu_peak, gpu_totals,
+                     _by_phase(gpu_items, 1))
+    host = Budget(host_capacity, {c: sum(r.host[c] for r in rows) for c in Category}, host_peak, host_totals,
+                  _by_phase(host_items, gpus_per_node))
     binding = "gpu" if per_gpu.free_bytes / per_gpu.capacity_bytes <= host.free_bytes / host.capacity_bytes else "host"
     return Estimate(per_gpu, host, nvme, rows, binding, tuple(notes))
