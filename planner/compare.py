@@ -114,8 +114,9 @@ def compare_trace(spec: ModelSpec, catalog: Catalog, *, precision: str, optimize
     est_peak = est.tensor_bytes
     at_peak = [Row(ours.value, est.by_category[ours], res.at_peak.get(theirs, 0))
                for theirs, ours in TRACE_CATEGORIES.items()]
-    at_peak.append(Row("other (inputs, buffers)", est.by_category[Category.BUFFERS],
-                       res.at_peak.get("other", 0) + res.at_peak.get("buffers", 0)))
+    # Our activations include the step's inputs (token ids, labels), MemTracker's "other".
+    at_peak[3] = Row("activations (+ inputs)", at_peak[3].estimate, at_peak[3].traced + res.at_peak.get("other", 0))
+    at_peak.append(Row("module buffers (rotary tables)", 0, res.at_peak.get("buffers", 0)))
     phases = []
     for ph in PHASES:
         cats = est.phase_categories.get(ph, {})

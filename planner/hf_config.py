@@ -124,10 +124,13 @@ def _group_model(model, raw: dict, source: str) -> ModelSpec:
         kind = _kind(modules.get(mod_name), pname)
         by_group.setdefault(group, []).append(TensorSpec(name, tuple(param.shape), kind, part, param.requires_grad))
     text_cfg = raw.get("text_config", raw)
+    if "model_type" not in text_cfg:  # a nested text_config names its own type
+        text_cfg = {**text_cfg, "model_type": raw["model_type"]}
     groups = []
     for gname, tensors in by_group.items():
         kind = "decoder" if gname == "llm" else "module"
-        cfg = {"hidden_size": text_cfg.get("hidden_size")} if gname == "llm" else {}
+        # The LLM keeps its config fields: the activation model reads them.
+        cfg = {k: v for k, v in text_cfg.items() if not isinstance(v, dict)} if gname == "llm" else {}
         groups.append(Group(gname, kind, tuple(tensors), cfg))
     name = raw.get("_name_or_path") or Path(source).parent.name
     return ModelSpec(str(name), source, tuple(groups), None)

@@ -160,6 +160,7 @@ def _budget_json(b: Budget) -> dict[str, Any]:
         "overhead_bytes": b.overhead_bytes,
         "peak_phase": b.peak_phase.value,
         "phase_totals": {ph.value: v for ph, v in b.phase_totals.items()},
+        "by_phase": {ph.value: {c.value: v for c, v in cats.items()} for ph, cats in b.phase_categories.items()},
         "by_category": {c.value: v for c, v in b.by_category.items()},
     }
 

@@ -49,6 +49,10 @@ OPTIMIZERS = ("adamw-forloop", "adamw-foreach", "adamw-fused", "sgd", "adafactor
 ATTENTIONS = ("eager", "sdpa")
 DEVICES = ("cuda", "cpu")
 PHASES = ("forward", "backward", "optimizer")
+MODEL_KINDS = ("causal_lm", "siglip_vision", "whisper_encoder", "module")
+"""What ``TraceRequest.model_kind`` can build: a ``*ForCausalLM`` (the default), transformers'
+``SiglipVisionModel`` or ``WhisperEncoder`` (the vision and audio towers of multimodal models), or
+any ``torch.nn.Module`` a factory function builds (``module_factory``)."""
 
 # MemTracker's _MemRefType values -> our category names.
 CATEGORY_NAMES = {
@@ -92,6 +96,25 @@ class TraceRequest:
         steps: training steps to run; >= 2 so optimizer states exist during the second step.
         device: ``cuda`` (fake CUDA tensors; GPU behaviour) or ``cpu`` (fake CPU tensors).
         max_grad_norm: HF Trainer's gradient clipping (default 1.0); None skips it.
+        model_kind: what to build (``MODEL_KINDS``). For the encoders the step is the encoder's
+            forward, a consumer loss ``output.mean()`` (one scalar; its backward hands the
+            encoder a gradient of the output's shape and dtype, as a real downstream module
+            does) and ``loss.backward()`` when anything requires grad (a frozen encoder whose
+            input needs no grad has no backward). ``micro_batch`` is then the encoder batch:
+            ``siglip_vision``: crops, ``pixel_values`` [micro_batch, channels, image_size,
+            image_size] (so ``(image_size // patch_size)**2`` patches per crop; no mask);
+            ``whisper_encoder``: 30-second pieces, ``input_features`` [micro_batch,
+            num_mel_bins, 2 * max_source_positions]; ``module``: ``module_factory``'s module.
+            ``seq_len`` is ignored for encoders. Inputs are fp32, bf16 under ``pure-bf16``.
+        encoder_chunk: run the encoder on slices of this many batch entries and ``torch.cat``
+            the outputs, as MiniCPM's ``get_vllm_embedding`` runs the vision tower in chunks of
+            ``vision_batch_size`` (16); the chunk outputs stay referenced until the loss is
+            computed. 0: the whole batch at once.
+        module_factory: ``"package.module:function"`` for ``model_kind="module"``. The worker
+            calls ``function(model_config)`` under ``torch.device("meta")``; it returns an
+            ``nn.Module`` with a method ``memplan_inputs(batch, device, dtype)`` returning the
+            keyword arguments of its forward. The forward returns a tensor (or an object with
+            ``last_hidden_state``).
     """
 
     model_config: dict
@@ -105,10 +128,19 @@ class TraceRequest:
     steps: int = 2
     device: str = "cuda"
     max_grad_norm: float | None = 1.0
+    model_kind: str = "causal_lm"
+    encoder_chunk: int = 0
+    module_factory: str = ""
 
     def __post_init__(self) -> None:
-        if "model_type" not in self.model_config:
+        if self.model_kind not in MODEL_KINDS:
+            raise ValueError(f"model_kind must be one of {', '.join(MODEL_KINDS)}; got {self.model_kind!r}")
+        if self.model_kind == "causal_lm" and "model_type" not in self.model_config:
             raise ValueError("model_config needs a 'model_type'")
+        if self.model_kind == "module" and ":" not in self.module_factory:
+            raise ValueError("model_kind 'module' needs module_factory='package.module:function'")
+        if self.encoder_chunk < 0:
+            raise ValueError("encoder_chunk must be >= 0")
         for name, value, allowed in (("precision", self.precision, PRECISIONS),
                                      ("optimizer", self.optimizer, OPTIMIZERS),
                                      ("attn", self.attn, ATTENTIONS), ("device", self.device, DEVICES)):
@@ -528,17 +560,9 @@ def _patch_cuda_autocast() -> None:
 def _build_model(req: TraceRequest, dev: str):
     """The model with fake parameters on ``dev``; tied parameters stay tied."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = dict(req.model_config)
-    cfg.pop("torch_dtype", None)
-    cfg.pop("dtype", None)
-    cfg.pop("architectures", None)
-    mtype = cfg.pop("model_type")
-    config = AutoConfig.for_model(mtype, **cfg)
-    config._attn_implementation = req.attn
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=req.attn, dtype=torch.float32)
+        model = _meta_model(req)
     # Meta -> fake tensors on dev, one new tensor per distinct meta tensor (module._apply would
     # untie shared parameters). pure-bf16 converts floating parameters and buffers as
     # model.to(torch.bfloat16) does.
@@ -559,10 +583,98 @@ def _build_model(req: TraceRequest, dev: str):
     for name, p in model.named_parameters():
         if any(name.startswith(prefix) for prefix in req.frozen_prefixes):
             p.requires_grad_(False)
-    if req.grad_ckpt:
+    if req.grad_ckpt and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
+
+
+def _meta_model(req: TraceRequest):
+    """The fp32 model of ``req.model_kind`` on the current (meta) device."""
+    import importlib
+
+    import torch
+
+    cfg = dict(req.model_config)
+    for key in ("torch_dtype", "dtype", "architectures"):
+        cfg.pop(key, None)
+    if req.model_kind == "module":
+        mod_name, fn_name = req.module_factory.split(":", 1)
+        return getattr(importlib.import_module(mod_name), fn_name)(cfg)
+    mtype = cfg.pop("model_type", None)
+    if req.model_kind == "causal_lm":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model(mtype, **cfg)
+        config._attn_implementation = req.attn
+        return AutoModelForCausalLM.from_config(config, attn_implementation=req.attn, dtype=torch.float32)
+    if req.model_kind == "siglip_vision":
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        # MiniCPM's navit SigLIP returns last_hidden_state without the pooling head.
+        cfg.setdefault("vision_use_head", False)
+        return SiglipVisionModel._from_config(SiglipVisionConfig(**cfg), attn_implementation=req.attn,
+                                              dtype=torch.float32)
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    return WhisperEncoder._from_config(WhisperConfig(**cfg), attn_implementation=req.attn, dtype=torch.float32)
+
+
+def _encoder_inputs(req: TraceRequest, model, dev: str) -> dict:  # noqa: ANN001
+    """Keyword inputs of one encoder step: the whole batch (``micro_batch`` crops or pieces)."""
+    import torch
+
+    dtype = torch.bfloat16 if req.precision == "pure-bf16" else torch.float32
+    n = req.micro_batch
+    if req.model_kind == "module":
+        return dict(model.memplan_inputs(n, dev, dtype))
+    cfg = model.config
+    if req.model_kind == "siglip_vision":
+        side = cfg.image_size
+        return {"pixel_values": torch.zeros((n, cfg.num_channels, side, side), dtype=dtype, device=dev)}
+    frames = 2 * cfg.max_source_positions  # conv2 has stride 2; WhisperEncoder.forward checks the length
+    return {"input_features": torch.zeros((n, cfg.num_mel_bins, frames), dtype=dtype, device=dev)}
+
+
+def _encoder_step(req: TraceRequest, model):  # noqa: ANN001, ANN202
+    """A root module around the encoder that runs it over the batch, in chunks of
+    ``encoder_chunk`` whose outputs are concatenated as MiniCPM's ``get_vllm_embedding`` does,
+    and computes the consumer loss ``output.mean()``. Its forward returns the loss and the
+    references a real caller still holds at that point (chunk outputs, output). MemTracker
+    allows a submodule, not the root, to run several times in one step."""
+    import torch
+
+    class EncoderStep(torch.nn.Module):
+        def __init__(self, tower) -> None:  # noqa: ANN001
+            super().__init__()
+            self.tower = tower
+
+        def forward(self, **inputs):  # noqa: ANN003, ANN202
+            n = req.micro_batch
+            chunk = req.encoder_chunk or n
+            outs = []
+            for start in range(0, n, chunk):
+                part = {k: v[start:start + chunk] if isinstance(v, torch.Tensor) and v.dim() and v.size(0) == n
+                        else v for k, v in inputs.items()}
+                res = self.tower(**part)
+                outs.append(res if isinstance(res, torch.Tensor) else res.last_hidden_state)
+                del res
+            out = torch.cat(outs) if len(outs) > 1 else outs[0]
+            return out.mean(), (outs, out)
+
+    return EncoderStep(model)
+
+
+def _find_layers(model):  # noqa: ANN001, ANN202
+    """The model's stack of transformer layers (for progress messages), or None."""
+    for path in ("model.layers", "encoder.layers", "layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None and hasattr(obj, "__len__"):
+            return obj
+    return None
 
 
 def _wrap_loss(model) -> None:  # noqa: ANN001
@@ -656,20 +768,26 @@ def _run_trace(req: TraceRequest, dev: str, notes: list[str], say: Callable[[str
     with fake_mode:
         say("building model")
         model = _build_model(req, dev)
-        _wrap_loss(model)
-        layers = None
-        inner = getattr(model, "model", None)
-        if inner is not None and hasattr(inner, "layers"):
-            layers = inner.layers
+        causal = req.model_kind == "causal_lm"
+        if causal:
+            _wrap_loss(model)
+        layers = _find_layers(model)
+        if layers is not None:
             layer_count["n"] = len(layers)
             for i, layer in enumerate(layers):
                 layer._memplan_layer = i
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _make_optimizer(req, params)
-        input_ids = torch.zeros((req.micro_batch, req.seq_len), dtype=torch.long, device=dev)
-        labels = torch.zeros((req.micro_batch, req.seq_len), dtype=torch.long, device=dev)
+        if causal:
+            input_ids = torch.zeros((req.micro_batch, req.seq_len), dtype=torch.long, device=dev)
+            labels = torch.zeros((req.micro_batch, req.seq_len), dtype=torch.long, device=dev)
+            externals = [input_ids, labels]
+        else:
+            inputs = _encoder_inputs(req, model, dev)
+            externals = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+            model = _encoder_step(req, model)
         mt = Tracker(dev, on_layer)
-        mt.track_external(model, input_ids, labels)
+        mt.track_external(model, *externals)
         sdpa_mode = _gpu_sdpa() if dev == "cuda" else contextlib.nullcontext()
         say(f"model built ({sum(p.numel() for p in model.parameters()) / 1e9:.3f} B parameters); tracing")
         with mt, sdpa_mode:
@@ -682,18 +800,25 @@ def _run_trace(req: TraceRequest, dev: str, notes: list[str], say: Callable[[str
                 autocast = (torch.autocast(dev, dtype=amp_dtype) if amp_dtype is not None
                             else contextlib.nullcontext())
                 with autocast:
-                    outputs = model(input_ids=input_ids, labels=labels)
-                if amp_dtype is not None:
+                    if causal:
+                        outputs = model(input_ids=input_ids, labels=labels)
+                    else:
+                        loss, outputs = model(**inputs)
+                if causal and amp_dtype is not None:
                     # accelerate (HF Trainer's mixed precision) wraps forward in convert_outputs_to_fp32
                     upcast = [v.float() for v in outputs.values()
                               if isinstance(v, torch.Tensor) and v.dtype in (torch.float16, torch.bfloat16)]
                     del upcast
-                loss = outputs.loss
+                if causal:
+                    loss = outputs.loss
                 del outputs
                 after_forward = _named(mt.dev_snapshot())
                 _PHASE["name"] = "backward"
-                say(f"step {step + 1}/{req.steps} backward")
-                loss.backward()
+                if loss.requires_grad:
+                    say(f"step {step + 1}/{req.steps} backward")
+                    loss.backward()
+                elif step == 0:
+                    notes.append("nothing requires grad: no backward (frozen encoder, input without grad)")
                 del loss
                 after_backward = _named(mt.dev_snapshot())
                 _PHASE["name"] = "optimizer"

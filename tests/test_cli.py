@@ -50,10 +50,11 @@ def test_reference_case_is_host_bound():
     assert doc["host"]["capacity_bytes"] == 64 * 2**30
     assert doc["fits"] is False and doc["binding"] == "host"
     assert [g["name"] for g in doc["groups"]] == ["llm", "vpm", "resampler", "(engine)", "(runtime)"]
-    # The engine row at the GPU's backward peak: ZeRO-3's persistent gradient bucket
-    # (reduce_bucket_size = 3584^2), the gathered lm_head (151700 x 3584, even) and the prefetch
-    # bucket (int(0.9 x 3584^2)), all bf16.
-    assert doc["per_gpu"]["peak_phase"] == "backward"
+    # The GPU peaks in forward, at the loss: bf16 logits, their fp32 copy and the fp32
+    # log_softmax (10 B per token x vocab) beside the gathered lm_head. The engine row there:
+    # ZeRO-3's persistent gradient bucket (reduce_bucket_size = 3584^2), the gathered lm_head
+    # (151700 x 3584, even) and the prefetch bucket (int(0.9 x 3584^2)), all bf16.
+    assert doc["per_gpu"]["peak_phase"] == "forward"
     assert doc["groups"][3]["by_category"]["buffers"] == (3584 * 3584 + 151700 * 3584 + int(0.9 * 3584 * 3584)) * 2
     assert doc["groups"][1]["trainable_params"] == 0
     assert set(doc["per_gpu"]) >= {"total_bytes", "capacity_bytes", "by_category"}
@@ -97,7 +98,7 @@ def test_model_from_config_json(tmp_path):
     assert llm["params"] == llm["trainable_params"] == n
     # pure bf16 under plain PyTorch: bf16 weights and grads, fused AdamW's two bf16 states + fp32 step
     steps = len(list(real.parameters()))
-    states = doc["per_gpu"]["by_category"]
+    states = doc["per_gpu"]["by_phase"]["optimizer"]  # every gradient exists in the optimizer step
     assert states["weights"] + states["gradients"] + states["optimizer_states"] == n * (2 + 2 + 4) + 4 * steps
 
 

@@ -11,10 +11,11 @@ from collections.abc import Iterable
 from planner.estimate.result import Estimate, Place, assemble
 from planner.estimate.runtime import ddp_bucket_items, gathered_param_items, loading_items, overhead_items
 from planner.estimate.states import ZeroSettings, model_state_items
+from planner.estimate.step import step_items
 from planner.hardware import Cluster
-from planner.options import TrainingOptions
+from planner.options import Engine, TrainingOptions, ZeroStage
 from planner.profile import ModelSpec
-from planner.workload import Workload, trainable_inventory
+from planner.workload import Origin, Workload, trainable_inventory
 
 __all__ = ["estimate", "Estimate"]
 
@@ -40,23 +41,22 @@ def estimate(
     params = trainable_inventory(model, options)
     zero = zero or ZeroSettings.hf_auto(model.hidden_size)
     items = model_state_items(params, options, cluster.world_size, zero, workload.grad_accum)
+    activations, missing = step_items(model, params, options, workload, items)
+    items += activations
     items += gathered_param_items(params, options, cluster.world_size, zero)
     items += ddp_bucket_items(params, options, cluster.world_size)
-    zero3 = options.engine.value == "deepspeed" and int(options.zero) == 3
+    zero3 = options.engine is Engine.DEEPSPEED and options.zero is ZeroStage.PARAMETERS
     items += loading_items(params, options, zero_init=zero3 and options.zero_init)
     gpu = [it for it in items if it.place is Place.GPU]
-    tensor_peak = max((sum(it.nbytes for it in gpu if ph in it.phases) for ph in {p for it in gpu for p in it.phases}),
-                      default=0)
+    phases = {ph for it in gpu for ph in it.phases}
+    tensor_peak = max((sum(it.nbytes for it in gpu if ph in it.phases) for ph in phases), default=0)
     items += overhead_items(cluster.world_size, tensor_peak)
     group_params: dict[str, tuple[int, int]] = {}
     for p in params:
         total, trained = group_params.get(p.group, (0, 0))
         group_params[p.group] = (
-            total + (p.numel if p.origin != "lora" and p.origin != "copy" else 0),
+            total + (p.numel if p.origin == Origin.BASE else 0),
             trained + (p.numel if p.trainable else 0),
         )
-    notes = [*notes, STATES_ONLY_NOTE]
+    notes = [*notes, *missing]
     return assemble(items, group_params, cluster.gpus_per_node, cluster.gpu_memory_bytes, cluster.host_ram_bytes, notes)
-
-
-STATES_ONLY_NOTE = "activations are not in these figures yet: model states, engine buffers and overhead only"

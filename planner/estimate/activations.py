@@ -140,10 +140,15 @@ class StepMemory:
 # --------------------------------------------------------------------------------------------
 
 
+_DEBUG_LABELS = False  # development aid: remember who allocated each storage, snapshot it at peaks
+
+
 class _Tape:
     """Live bytes by category, with a reference count per storage and a peak per phase."""
 
     def __init__(self) -> None:
+        self.labels: dict[int, str] = {}
+        self.peak_labels: dict[str, dict[int, tuple[str, int]]] = {}
         self._size: dict[int, int] = {}
         self._cat: dict[int, str] = {}
         self._refs: dict[int, int] = {}
@@ -160,6 +165,13 @@ class _Tape:
         self._size[h], self._cat[h], self._refs[h] = size, cat, 1
         self.now[cat] += size
         self.total += size
+        if _DEBUG_LABELS:
+            import sys
+
+            f = sys._getframe(2)
+            while f.f_code.co_name in ("new", "grad", "<lambda>", "view") and f.f_back is not None:
+                f = f.f_back
+            self.labels[h] = f"{cat[:3]} {f.f_code.co_name}:{f.f_lineno}"
         return h
 
     def ref(self, h: int | None) -> None:
@@ -173,6 +185,7 @@ class _Tape:
         if self._refs[h] == 0:
             size, cat = self._size.pop(h), self._cat.pop(h)
             del self._refs[h]
+            self.labels.pop(h, None)
             self.now[cat] -= size
             self.total -= size
 
@@ -188,6 +201,8 @@ class _Tape:
         best = self.peaks.get(self.phase)
         if best is None or self.total >= best[0]:
             self.peaks[self.phase] = (self.total, dict(self.now))
+            if _DEBUG_LABELS:
+                self.peak_labels[self.phase] = {h: (self.labels.get(h, "?"), self._size[h]) for h in self._size}
 
 
 @dataclass(eq=False)
@@ -199,6 +214,8 @@ class _Param:
     item: int
     trainable: bool
     grad: _T | None = None
+    uses: int = 0  # autograd edges into its AccumulateGrad (2 for a tied embedding / lm_head)
+    arrived: int = 0
 
 
 @dataclass(eq=False)
@@ -253,13 +270,15 @@ class _Sim:
         self.c = compute_item
         self.segments: list[_Segment] = [_Segment()]
         self.placeholder = False  # inside a checkpointed region during the original forward
+        self.recomputing = False  # replaying a checkpointed region during backward
         self.skip_alloc = False  # checkpoint early stop: the op after the last save never runs
         self.cache: dict[int, _T] | None = None  # autocast weight cache (id(param) -> cast)
         self.slots: dict[int, _T] = {}
+        self.leaves: dict[int, _T | None] = {}  # non-parameter leaves that require grad -> .grad
 
     # ---- tensors -------------------------------------------------------------------------
     def new(self, numel: int, item: int, rg: bool = False) -> _T:
-        cat = "activations" if self.tape.phase == "forward" else "temporaries"
+        cat = "activations" if self.tape.phase == "forward" or self.recomputing else "temporaries"
         if self.skip_alloc:
             return _T(numel, item, rg)
         t = _T(numel, item, rg, self.tape.alloc(numel * item, cat))
@@ -271,6 +290,20 @@ class _Sim:
         self.tape.ref(t.st)
         return t
 
+    def view(self, g: _T | None, numel: int) -> _T | None:
+        """A view of a gradient (same storage, fewer elements)."""
+        if g is None:
+            return None
+        self.tape.ref(g.st)
+        return _T(numel, g.item, False, g.st)
+
+    def slice(self, x: _T, numel: int) -> _T:
+        """``x[..., a:b]``: a view; SliceBackward allocates a zero tensor of x's full size."""
+        out = _T(numel, x.item, x.rg, x.st)
+        self.tape.ref(x.st)
+        self.node([out], [x], [], lambda s, g, x=x: [_slice_bw(s, x, g[0])])
+        return out
+
     def drop(self, *ts: _T | None) -> None:
         for t in ts:
             if t is not None:
@@ -280,6 +313,10 @@ class _Sim:
         ins_ = [t for t in ins if t is not None]
         if not any(t.rg for t in ins_):
             return
+        if not self.recomputing:
+            for t in ins_:
+                if t.param is not None and t.rg:
+                    t.param.uses += 1
         kept = [] if self.placeholder else [t for t in saved if t is not None and t.st is not None]
         for t in kept:
             self.tape.ref(t.st)
@@ -315,14 +352,25 @@ class _Sim:
             cast = self.new(g.numel, t.item)
             self.drop(g)
             g = cast
-        if t.param is not None:
-            p = t.param
-            if p.grad is None:  # AccumulateGrad steals the fresh gradient
-                p.grad = g
-                if g.st is not None:
-                    self.tape.retype(g.st, "gradients")
-            else:  # a second use (tied lm_head / embedding): in place, variable.grad += new_grad
+        if id(t) in self.leaves:  # a leaf activation (enable_input_require_grads): AccumulateGrad
+            if self.leaves[id(t)] is None:
+                self.leaves[id(t)] = g
+            else:
                 self.drop(g)
+            return
+        if t.param is not None:
+            # AccumulateGrad runs once all uses have delivered (a tied lm_head's gradient waits in
+            # the InputBuffer for the embedding's, then the two are summed); it steals the result.
+            p = t.param
+            p.arrived += 1
+            if p.grad is None:
+                p.grad = g
+            else:
+                merged = self.new(p.numel, p.item)
+                self.drop(p.grad, g)
+                p.grad = merged
+            if p.arrived >= p.uses and p.grad.st is not None:
+                self.tape.retype(p.grad.st, "gradients")
             return
         old = self.slots.get(id(t))
         if old is None:
@@ -334,7 +382,8 @@ class _Sim:
 
     def backward(self, loss: _T) -> None:
         self.tape.phase = "backward"
-        self.slots[id(loss)] = self.new(1, FP32)  # torch.ones_like(loss), the root gradient
+        root = self.new(1, FP32)  # torch.ones_like(loss): held by backward() until it returns
+        self.slots[id(loss)] = self.alias(root)
         for seg in reversed(self.segments):
             nodes = seg.nodes
             if seg.recompute is not None:
@@ -342,6 +391,8 @@ class _Sim:
             for n in reversed(nodes):
                 self.run_node(n)
             self.drop(*seg.held)  # a checkpoint's inputs die with its nodes
+        self.drop(*self.leaves.values())  # the leaf dies with the graph, and its .grad with it
+        self.drop(root)
 
     def _recompute(self, seg: _Segment) -> list[_Node]:
         """Non-reentrant checkpoint: replay the region under the forward's autocast state, keep
@@ -349,7 +400,9 @@ class _Sim:
         assert seg.recompute is not None and seg.out is not None
         outer, self.segments = self.segments, [_Segment()]
         self.cache = {} if self.autocast else None
+        self.recomputing = True
         out = seg.recompute()
+        self.recomputing = False
         self.end_autocast()
         nodes = self.segments[0].nodes
         self.segments = outer
@@ -398,12 +451,16 @@ class _Sim:
         return self.cast(x, self.c) if self.autocast else self.alias(x)
 
     # ---- ops ------------------------------------------------------------------------------
-    def matmul(self, x: _T, w: _T, out_numel: int, *, w_is_weight: bool = True) -> _T:
-        """``x @ w`` (linear, bmm): saves x if w requires grad and w if x does (mm_mat1/mat2
-        backward); backward allocates both input gradients."""
-        out = self.new(out_numel, x.item, rg=x.rg or w.rg)
-        self.node([out], [x, w], [x if w.rg else None, w if x.rg else None],
-                  lambda s, g, x=x, w=w: [s.grad(x) if x.rg else None, s.grad(w) if w.rg else None])
+    def matmul(self, x: _T, w: _T, out_numel: int, bias: _T | None = None) -> _T:
+        """``x @ w`` (mm, addmm with ``bias``, bmm): saves x if w requires grad and w if x does
+        (``mm_mat1_backward`` / ``mm_mat2_backward``); backward allocates each input's gradient
+        (the bias's is ``grad.sum(0)``)."""
+        out = self.new(out_numel, x.item, rg=x.rg or w.rg or (bias is not None and bias.rg))
+
+        def bw(s: _Sim, g: list[_T | None], x=x, w=w, bias=bias) -> list[_T | None]:
+            return [s.grad(t) if t is not None and t.rg else None for t in (x, w, bias)]
+
+        self.node([out], [x, w, bias], [x if w.rg else None, w if x.rg else None], bw)
         return out
 
     def mul(self, a: _T, b: _T | None, out_numel: int | None = None) -> _T:
@@ -494,15 +551,16 @@ class DecoderDims:
             act = "gelu_pytorch_tanh"
         if act not in ("silu", "gelu_pytorch_tanh", "gelu"):
             raise ProfileError(f"hidden_act {act!r} is not modeled (silu, gelu_pytorch_tanh, gelu)")
+        # Sliding-window attention (a mask once s >= window): Qwen2/Qwen3 only with
+        # use_sliding_window (Qwen2Config.__post_init__); Mistral defaults to 4096 when the field
+        # is absent (MistralConfig); Phi-3 reads it as given; Llama and Gemma have none.
         window = cfg.get("sliding_window")
-        if mtype == "qwen2" and not cfg.get("use_sliding_window", False):
-            window = None  # Qwen2Config: sliding_window only applies with use_sliding_window
-        if mtype in ("llama", "gemma", "qwen3") and not cfg.get("use_sliding_window", mtype != "qwen3"):
+        if mtype in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
             window = None
-        if mtype in ("llama", "gemma"):
+        elif mtype in ("llama", "gemma"):
             window = None
-        if mtype == "mistral" and "sliding_window" not in cfg:
-            window = 4096  # MistralConfig default when the field is absent
+        elif mtype == "mistral" and "sliding_window" not in cfg:
+            window = 4096
         return cls(
             model_type=mtype,
             vocab=cfg["vocab_size"],
@@ -531,9 +589,9 @@ def _lora_ranks(params: Sequence[Any] | None) -> dict[str, int]:
 class _Decoder:
     """One training step of a ``*ForCausalLM`` decoder, replayed on a ``_Sim``."""
 
-    def __init__(self, dims: DecoderDims, *, micro_batch: int, seq_len: int, weight_item: int, autocast: bool,
+    def __init__(self, cfg: Mapping[str, Any], dims: DecoderDims, *, micro_batch: int, seq_len: int, weight_item: int, autocast: bool,
                  attn: str, grad_ckpt: bool, use_cache: bool, trainable: Mapping[str, bool],
-                 lora: Mapping[str, int], workspaces: bool) -> None:
+                 lora: Mapping[str, int], workspaces: bool, input_requires_grad: bool) -> None:
         self.d = dims
         self.b, self.s = micro_batch, seq_len
         self.N = micro_batch * seq_len
@@ -544,10 +602,11 @@ class _Decoder:
         self.ckpt = grad_ckpt
         self.use_cache = use_cache and not grad_ckpt
         self.workspaces = workspaces
+        self.input_requires_grad = input_requires_grad
         self.lora = lora
         self.sim = _Sim(autocast=autocast, compute_item=self.c)
         self.params: dict[str, _T] = {}
-        for t in decoder_tensors(_config_of(dims)):
+        for t in decoder_tensors(cfg):
             p = _Param(t.name, t.numel, weight_item, trainable.get(t.name, True))
             self.params[t.name] = _T(t.numel, weight_item, p.trainable, None, p)
         if dims.tied:
@@ -593,19 +652,19 @@ class _Decoder:
         bias = self.params.get(stem + ".bias")
         xc = sim.ac_in(x)
         wc = sim.cast_weight(w)
-        out = sim.matmul(xc, wc, self.N * out_f)
-        sim.drop(wc)
-        if bias is not None:
-            bc = sim.cast_weight(bias)
-            if bias.rg:  # addmm: the bias gradient is grad.sum(0), computed in the same node
-                sim.node([out], [bc], [], lambda s, g, bc=bc: [s.grad(bc)])
-            out.rg = out.rg or bias.rg
-            sim.drop(bc)
+        bc = sim.cast_weight(bias) if bias is not None else None
+        out = sim.matmul(xc, wc, self.N * out_f, bc)
+        sim.drop(xc, wc, bc)
         if stem in self.lora:
             r = self.lora[stem]
             a = self.params[stem + ".lora_A.weight"]
             bb = self.params[stem + ".lora_B.weight"]
-            xa = sim.ac_in(x)  # peft lora.Linear.forward: lora_B(lora_A(dropout(x))), dropout p=0: Identity
+            # peft lora.Linear.forward: x = self._cast_input_dtype(x, lora_A.weight.dtype), then
+            # lora_B(lora_A(dropout(x))) * scaling with dropout p=0 an Identity. Under amp a bf16
+            # input (o_proj's, down_proj's) goes to fp32 and back to bf16 for lora_A.
+            x_l = sim.cast(x, a.item)
+            xa = sim.ac_in(x_l)
+            sim.drop(x_l)
             ac = sim.cast_weight(a)
             mid = sim.matmul(xa, ac, self.N * r)
             sim.drop(xa, ac)
@@ -617,7 +676,6 @@ class _Decoder:
             res = sim.add(out, scaled)
             sim.drop(out, scaled)
             out = res
-        sim.drop(xc)
         return out
 
     def rmsnorm(self, x: _T, name: str, rows: int) -> _T:
@@ -630,16 +688,15 @@ class _Decoder:
         x32 = sim.cast(x, FP32)
         sq = sim.new(x.numel, FP32, rg=x32.rg)  # pow(2): saves its input
         sim.node([sq], [x32], [x32], lambda s, g, x32=x32: _pow_bw(s, x32))
-        mean = sim.new(rows, FP32, rg=sq.rg)  # mean(-1): backward expands and divides
+        mean = sim.new(rows, FP32, rg=sq.rg)  # variance = pow(2).mean(-1): bound until return
         sim.node([mean], [sq], [], lambda s, g, sq=sq: [s.grad(sq)])
         sim.drop(sq)
         var = sim.new(rows, FP32, rg=mean.rg)  # + eps
         sim.node([var], [mean], [], lambda s, g: [s.alias(g[0])])
-        sim.drop(mean)
         r = sim.new(rows, FP32, rg=var.rg)  # rsqrt: saves its result
         sim.node([r], [var], [r], lambda s, g, var=var: _rsqrt_bw(s, var))
         sim.drop(var)
-        y = sim.mul(x32, r)
+        y = sim.mul(x32, r)  # rebinds hidden_states: the fp32 copy is only kept if saved
         sim.drop(r, x32)
         if self.d.model_type == "gemma":
             wf = sim.cast(w, FP32)
@@ -649,12 +706,11 @@ class _Decoder:
             out32 = sim.mul(y, one_plus)
             sim.drop(y, one_plus)
             out = sim.cast(out32, x.item)  # .type_as(x)
-            sim.drop(out32)
+            sim.drop(out32, mean)
             return out
         yd = sim.cast(y, x.item)
-        sim.drop(y)
         out = sim.mul(w, yd)
-        sim.drop(yd)
+        sim.drop(yd, y, mean)  # y and variance stay bound until the function returns
         return out
 
     def rope(self, x: _T, cos: _T, sin: _T) -> _T:
@@ -663,27 +719,32 @@ class _Decoder:
         product of a bf16 projection and fp32 cos is fp32. Phi-3 slices the rotary part and
         concatenates the rest back (an extra copy)."""
         sim = self.sim
+        phi3 = self.d.model_type == "phi3"
+        if phi3:  # q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:] (rotary_dim = hd)
+            base = x
+            x = sim.slice(base, base.numel)
+            x_pass = _T(base.numel, base.item, base.rg, None)  # empty slice: a zero-byte gradient
+            sim.node([x_pass], [base], [], lambda s, g, b=base: [_T(b.numel, b.item, False, None)])
         half = x.numel // 2
         t1 = sim.mul(x, cos, x.numel)
-        neg = sim.new(half, x.item, rg=x.rg)  # -x2, x2 a slice of x
-        sim.node([neg], [x], [], lambda s, g, x=x: [_slice_bw(s, x, g[0])])
-        rot = sim.new(x.numel, x.item, rg=x.rg)  # cat((-x2, x1)); x1 a slice of x
+        x1, x2 = sim.slice(x, half), sim.slice(x, half)  # rotate_half: x[..., :d/2], x[..., d/2:]
+        neg = sim.new(half, x.item, rg=x.rg)  # -x2
+        sim.node([neg], [x2], [], lambda s, g, x2=x2: [s.grad(x2)])
+        rot = sim.new(x.numel, x.item, rg=x.rg)  # cat((-x2, x1)): CatBackward hands out views
 
-        def cat_bw(s: _Sim, g: list[_T | None], x=x, neg=neg) -> list[_T | None]:
-            # CatBackward: views of the gradient; x1's SliceBackward allocates a full-size zeros
-            s.route(neg, s.alias(g[0]))
-            return [_slice_bw(s, x, g[0])]
+        def cat_bw(s: _Sim, g: list[_T | None], neg=neg, x1=x1) -> list[_T | None]:
+            return [s.view(g[0], neg.numel), s.view(g[0], x1.numel)]
 
-        sim.node([rot], [x], [], cat_bw)
-        sim.drop(neg)
+        sim.node([rot], [neg, x1], [], cat_bw)
+        sim.drop(neg, x1, x2)
         t2 = sim.mul(rot, sin, x.numel)
         sim.drop(rot)
         out = sim.add(t1, t2)
         sim.drop(t1, t2)
-        if self.d.model_type == "phi3":  # cat([rotated, x_pass]) with an empty x_pass, x_rot a slice
+        if phi3:  # cat([rotated, x_pass]): a copy; CatBackward hands out views
             full = sim.new(out.numel, out.item, rg=out.rg)
-            sim.node([full], [out], [], lambda s, g: [s.alias(g[0])])
-            sim.drop(out)
+            sim.node([full], [out, x_pass], [], lambda s, g, o=out: [s.alias(g[0]), s.view(g[0], 0)])
+            sim.drop(out, x)
             out = full
         return out
 
@@ -696,8 +757,9 @@ class _Decoder:
         sim.node([out], [proj], [], lambda s, g, p=proj: [s.grad(p)])
         return out
 
-    def attention_core(self, q: _T, k: _T, v: _T, mask: _T | None) -> _T:
-        """The attention kernel; returns the [b, s, nh*hd] input of o_proj."""
+    def attention_core(self, q: _T, k: _T, v: _T, mask: _T | None) -> tuple[_T, _T | None]:
+        """The attention kernel; returns the [b, s, nh*hd] input of o_proj and the attention
+        weights the module returns (eager only)."""
         d, sim = self.d, self.sim
         gqa = d.kv_heads != d.heads
         if self.attn == "eager":
@@ -712,12 +774,19 @@ class _Decoder:
         sim.drop(k, v)
         if self.attn == "flash_attention_2" or (qc.item == HALF and mask is None and d.head_dim <= 256):
             out = self._flash(qc, kc, vc)
+            if d.model_type == "phi3":
+                # The flash output copies the query's layout (mha_fwd: empty_like(q)); Phi-3's
+                # query comes out of a cat, laid out [b, nh, s, hd], so transpose(1, 2).contiguous()
+                # copies it for o_proj. Other models' queries keep q_proj's [b, s, nh, hd] layout.
+                copy = sim.passthrough(out)
+                sim.drop(out)
+                out = copy
         elif not gqa:
             out = self._efficient(qc, kc, vc, mask)
         else:
             out = self._math(qc, kc, vc, mask)
         sim.drop(qc, kc, vc)
-        return out
+        return out, None
 
     def _flash(self, q: _T, k: _T, v: _T) -> _T:
         """Flash attention (sdpa's ``_scaled_dot_product_flash_attention`` or FA2): saves q, k, v,
@@ -728,17 +797,13 @@ class _Decoder:
         d, sim = self.d, self.sim
         out = sim.new(self.N * self.q_dim, q.item, rg=q.rg or k.rg or v.rg)
         lse = sim.new(self.b * d.heads * self.s, FP32)
-        rng = [sim.new(1, 2 * INT64), sim.new(1, INT64)][:FLASH_RNG_TENSORS]
+        rng = [sim.new(1, INT64) for _ in range(FLASH_RNG_TENSORS)]
 
         def bw(s: _Sim, g: list[_T | None], q=q, k=k, v=v) -> list[_T | None]:
             scratch = []
             if self.workspaces:
-                srow = -(-self.s // FLASH_BWD_SEQ_ROUND) * FLASH_BWD_SEQ_ROUND
-                hdr = -(-d.head_dim // FLASH_BWD_HEAD_ROUND) * FLASH_BWD_HEAD_ROUND if d.head_dim <= 192 else 256
-                scratch.append(s.new(self.b * srow * d.heads * hdr, FP32))  # dq_accum
-                scratch.append(s.new(self.b * d.heads * srow, FP32))  # softmax_d
-                if d.kv_heads != d.heads:  # dk_expanded, dv_expanded
-                    scratch += [s.new(self.N * self.q_dim, k.item), s.new(self.N * self.q_dim, v.item)]
+                for numel, item in flash_backward_workspace(self.b, self.s, d.heads, d.kv_heads, d.head_dim, q.item):
+                    scratch.append(s.new(numel, item))
             grads = [s.grad(q), s.grad(k), s.grad(v)]
             s.drop(*scratch)
             return grads
@@ -788,61 +853,59 @@ class _Decoder:
         vr = self._repeat_kv(v) if d.kv_heads != d.heads else sim.alias(v)
         ks = sim.mul(kr, None)
         scores = sim.matmul(qs, ks, S)
-        sim.drop(qs, ks)
+        sim.drop(ks)  # the scaled key is a temporary; the scaled query stays bound (q_) until return
         masked = sim.add(scores, _T(fmask.numel, fmask.item, False, None))
         sim.drop(scores)
         probs = sim.new(S, masked.item, rg=masked.rg)
         sim.node([probs], [masked], [probs], lambda s, g, m=masked: [s.grad(m)])
         sim.drop(masked)
         o = sim.matmul(probs, vr, self.N * self.q_dim)
-        sim.drop(probs, vr, kr, fmask)
+        sim.drop(probs, vr, kr, fmask, qs)
         out = sim.passthrough(o)  # transpose(1, 2).contiguous()
         sim.drop(o)
         return out
 
-    def _eager(self, q: _T, k: _T, v: _T, mask: _T | None) -> _T:
+    def _eager(self, q: _T, k: _T, v: _T, mask: _T | None) -> tuple[_T, _T]:
         """``eager_attention_forward``: repeat_kv, ``q @ k^T`` (autocast casts both), ``* scaling``,
-        ``+ mask`` (the fp32 mask promotes bf16 scores to fp32), ``softmax(dtype=fp32)`` (saved),
-        ``.to(q.dtype)`` (saved by ``probs @ v``), and a contiguous copy of the output."""
+        ``+ mask`` (an fp32 mask promotes bf16 scores to fp32), ``softmax(dtype=fp32)`` (saved;
+        a 16-bit input is converted first), ``.to(query.dtype)`` (a no-op under amp, where the
+        query is fp32 after RoPE), ``probs @ v`` (autocast casts the probabilities; saved) and a
+        contiguous copy of the output. Returns the output and ``attn_weights``, which the decoder
+        layer keeps bound (``hidden_states, _ = self.self_attn(...)``) until it returns."""
         d, sim = self.d, self.sim
         S = self.b * d.heads * self.s * self.s
         kr = self._repeat_kv(k) if d.kv_heads != d.heads else sim.alias(k)
         vr = self._repeat_kv(v) if d.kv_heads != d.heads else sim.alias(v)
         kc, qc = sim.ac_in(kr), sim.ac_in(q)
         raw = sim.matmul(qc, kc, S)
-        sim.drop(kc)
+        sim.drop(kc, qc)
         scores = sim.mul(raw, None)
         sim.drop(raw)
         if mask is not None:
             masked = sim.add(scores, _T(mask.numel, mask.item, False, None))
             sim.drop(scores)
             scores = masked
-        src = sim.cast(scores, FP32)  # softmax(..., dtype=float32) converts a 16-bit input first
+        src = sim.cast(scores, FP32)
         probs = sim.new(S, FP32, rg=src.rg)
         sim.node([probs], [src], [probs], lambda s, g, x=src: [s.grad(x)])
-        sim.drop(src, scores)  # measured: the masked scores are gone before the cast below
-        pc = sim.cast(probs, qc.item)
-        sim.drop(probs, qc)
-        vc = sim.ac_in(vr)
+        sim.drop(src)
+        weights = sim.cast(probs, q.item)
+        sim.drop(probs, scores)  # attn_weights rebinds: the masked scores go
+        pc, vc = sim.ac_in(weights), sim.ac_in(vr)
         o = sim.matmul(pc, vc, self.N * self.q_dim)
         sim.drop(pc, vc, vr, kr)
         out = sim.passthrough(o)  # attn_output.transpose(1, 2).contiguous()
         sim.drop(o)
-        return out
+        return out, weights
 
-    def attention(self, x: _T, i: int, cos: _T, sin: _T, mask: _T | None) -> _T:
+    def attention(self, x: _T, i: int, cos: _T, sin: _T, mask: _T | None) -> tuple[_T, _T | None]:
         """``*Attention.forward``: projections, (Qwen3) q/k norms, RoPE, the KV cache's copies,
         the kernel and o_proj."""
         d, sim = self.d, self.sim
         p = f"model.layers.{i}.self_attn"
         if d.model_type == "phi3":
             qkv = self.linear(x, f"{p}.qkv_proj", self.q_dim + 2 * self.kv_dim)
-            parts = []
-            for n in (self.q_dim, self.kv_dim, self.kv_dim):  # qkv[..., a:b] slices
-                part = _T(self.N * n, qkv.item, qkv.rg, qkv.st)
-                sim.tape.ref(qkv.st)
-                sim.node([part], [qkv], [], lambda s, g, qkv=qkv: [_slice_bw(s, qkv, g[0])])
-                parts.append(part)
+            parts = [sim.slice(qkv, self.N * n) for n in (self.q_dim, self.kv_dim, self.kv_dim)]
             sim.drop(qkv)
             q, k, v = (self.heads(t) for t in parts)
             sim.drop(*parts)
@@ -868,11 +931,11 @@ class _Decoder:
             self.cache_keep += [ke, v]
             sim.tape.ref(ke.st)
             sim.tape.ref(v.st)
-        o_in = self.attention_core(qe, ke, v, mask)
+        o_in, weights = self.attention_core(qe, ke, v, mask)
         sim.drop(qe, ke, v)
         out = self.linear(o_in, f"{p}.o_proj", d.hidden)
         sim.drop(o_in)
-        return out
+        return out, weights
 
     def mlp(self, x: _T, i: int) -> _T:
         """Gated MLP: ``down(act(gate(x)) * up(x))``; Phi-3 computes gate and up in one matmul and
@@ -906,20 +969,24 @@ class _Decoder:
         sim.drop(prod)
         return out
 
-    def layer(self, x: _T, i: int, cos: _T, sin: _T, mask: _T | None) -> _T:
-        """``*DecoderLayer.forward`` (pre-norm residual blocks)."""
+    def layer(self, x: _T, i: int, cos: _T, sin: _T, mask: _T | None, early_stop: bool = False) -> _T:
+        """``*DecoderLayer.forward`` (pre-norm residual blocks). ``early_stop``: a checkpoint
+        recomputation, which stops after the last op that saves a tensor (torch.utils.checkpoint
+        ``_checkpoint_early_stop``), so the final residual add never allocates."""
         sim = self.sim
         p = f"model.layers.{i}"
         h = self.rmsnorm(x, f"{p}.input_layernorm.weight", self.N)
-        a = self.attention(h, i, cos, sin, mask)
+        a, weights = self.attention(h, i, cos, sin, mask)
         sim.drop(h)
         mid = sim.add(x, a)
         sim.drop(a)
         h2 = self.rmsnorm(mid, f"{p}.post_attention_layernorm.weight", self.N)
         m = self.mlp(h2, i)
         sim.drop(h2)
+        sim.skip_alloc = early_stop
         out = sim.add(mid, m)
-        sim.drop(mid, m)
+        sim.skip_alloc = False
+        sim.drop(mid, m, weights)
         return out
 
     # ---- the step ----------------------------------------------------------------------------
@@ -937,6 +1004,11 @@ class _Decoder:
             scaled = sim.mul(emb, None)
             sim.drop(emb)
             emb = scaled
+        if self.input_requires_grad and not emb.rg:
+            # PreTrainedModel.enable_input_require_grads: a forward hook on the input embeddings
+            # calls output.requires_grad_(True) (peft and TRL do it for LoRA with checkpointing)
+            emb.rg = True
+            sim.leaves[id(emb)] = None
         inputs_embeds = emb
         self.cache_keep: list[_T] = []
         mask = None
@@ -949,12 +1021,14 @@ class _Decoder:
                 sim.drop(boolean)
             else:
                 mask = boolean
+        pos = sim.new(self.s, INT64)  # position_ids = arange(s): [1, s]
         cos = sim.new(self.s * d.head_dim, self.a)  # rotary_emb: [1, s, hd] in the embeddings' dtype
         sin = sim.new(self.s * d.head_dim, self.a)
         x = sim.alias(inputs_embeds)
         for i in range(d.layers):
             if self.ckpt:
-                seg = _Segment(held=[sim.alias(x)])
+                # the checkpoint keeps the layer's inputs: hidden states, cos/sin, the mask
+                seg = _Segment(held=[sim.alias(t) for t in (x, cos, sin, mask, pos) if t is not None])
                 sim.segments.append(seg)
                 sim.placeholder = True
                 out = self.layer(x, i, cos, sin, mask)
@@ -968,7 +1042,7 @@ class _Decoder:
             x = out
         hn = self.rmsnorm(x, "model.norm.weight", self.N)
         sim.drop(x)
-        sim.drop(inputs_embeds, cos, sin, mask)  # the base model returns
+        sim.drop(inputs_embeds, pos, cos, sin, mask)  # the base model returns
         logits = self.linear(hn, "lm_head", d.vocab)
         loss = self.loss(logits)
         sim.drop(hn)  # *ForCausalLM.forward returns
@@ -981,23 +1055,7 @@ class _Decoder:
         return loss, held
 
     def _replay(self, x: _T, i: int, cos: _T, sin: _T, mask: _T | None) -> Callable[[], _T]:
-        def replay() -> _T:
-            self.sim.skip_alloc = False
-            h = self.rmsnorm(x, f"model.layers.{i}.input_layernorm.weight", self.N)
-            a = self.attention(h, i, cos, sin, mask)
-            self.sim.drop(h)
-            mid = self.sim.add(x, a)
-            self.sim.drop(a)
-            h2 = self.rmsnorm(mid, f"model.layers.{i}.post_attention_layernorm.weight", self.N)
-            m = self.mlp(h2, i)
-            self.sim.drop(h2)
-            self.sim.skip_alloc = True  # early stop: the residual add after the last save never runs
-            out = self.sim.add(mid, m)
-            self.sim.skip_alloc = False
-            self.sim.drop(mid, m)
-            return out
-
-        return replay
+        return lambda: self.layer(x, i, cos, sin, mask, early_stop=True)
 
     def loss(self, logits: _T) -> _T:
         """``ForCausalLMLoss`` (transformers/loss/loss_utils.py): ``logits.float()``, labels padded
@@ -1015,16 +1073,6 @@ class _Decoder:
         sim.node([loss], [lsm], [lsm, target, weight], lambda s, g, lsm=lsm: [s.grad(lsm)])  # nll_loss_backward
         sim.drop(target, weight, lsm)
         return loss
-
-
-def _config_of(d: DecoderDims) -> dict[str, Any]:
-    """Back to config fields for ``decoder_tensors``."""
-    cfg: dict[str, Any] = {
-        "model_type": d.model_type, "vocab_size": d.vocab, "hidden_size": d.hidden,
-        "intermediate_size": d.intermediate, "num_hidden_layers": d.layers, "num_attention_heads": d.heads,
-        "num_key_value_heads": d.kv_heads, "head_dim": d.head_dim, "tie_word_embeddings": d.tied,
-    }
-    return cfg
 
 
 def _pow_bw(s: _Sim, x: _T) -> list[_T | None]:
@@ -1050,6 +1098,69 @@ def _slice_bw(s: _Sim, base: _T, g: _T | None) -> _T | None:
     return s.new(base.numel, g.item)
 
 
+def flash_backward_workspace(b: int, s: int, heads: int, kv_heads: int, head_dim: int,
+                             item: int) -> list[tuple[int, int]]:
+    """Scratch tensors (elements, bytes per element) FlashAttention-2's backward allocates besides
+    dq/dk/dv (flash_attn ``mha_bwd``, vendored in torch's flash_api.cpp): ``dq_accum`` fp32
+    [b, ceil128(s), nh, ceil32(hd)], ``softmax_d`` fp32 [b, nh, ceil128(s)] and, under GQA,
+    ``dk_expanded`` / ``dv_expanded`` [b, s, nh, hd] before they are summed over each group. A meta
+    kernel shows none of them, so the tracer cannot."""
+    srow = -(-s // FLASH_BWD_SEQ_ROUND) * FLASH_BWD_SEQ_ROUND
+    hdr = -(-head_dim // FLASH_BWD_HEAD_ROUND) * FLASH_BWD_HEAD_ROUND if head_dim <= 192 else 256
+    out = [(b * srow * heads * hdr, FP32), (b * heads * srow, FP32)]
+    if kv_heads != heads:
+        out += [(b * s * heads * head_dim, item)] * 2
+    return out
+
+
+def logits_loss_bytes(vocab: int, tokens: int, precision: str) -> tuple[int, int]:
+    """(forward, backward) bytes of the logits and the loss at their peaks.
+
+    Forward, at the loss (``ForCausalLMLoss``): the lm_head output in the compute dtype, its
+    ``.float()`` copy and the fp32 ``log_softmax`` output (saved): 2 + 4 + 4 = 10 B per token x
+    vocab entry under amp or pure bf16; in fp32 ``.float()`` is the logits themselves: 8 B.
+    Backward, in the loss: the saved ``log_softmax``, ``nll_loss_backward``'s gradient and
+    ``_log_softmax_backward_data``'s: 12 B (trace-notes, measured)."""
+    c = FP32 if precision == "fp32" else HALF
+    n = tokens * vocab
+    fwd = _round(n * c) + (_round(n * FP32) if c != FP32 else 0) + _round(n * FP32)
+    return fwd, 3 * _round(n * FP32)
+
+
+def autocast_weight_cache_bytes(params: Sequence[Any]) -> int:
+    """The 16-bit copies autocast keeps of trainable fp32 linear weights and biases until the
+    forward ends (``cached_cast``: leaf tensors that require grad): 2 B per parameter of every
+    trainable ``nn.Linear`` (embeddings and norms are not autocast ops). Frozen weights are cast at
+    each use instead, and kept only where a matmul saves them."""
+    from planner.architectures import TensorKind
+
+    total = 0
+    for p in params:
+        if p.trainable and p.tensor.kind in (TensorKind.LINEAR, TensorKind.BIAS):
+            total += _round(p.tensor.numel * HALF)
+    return total
+
+
+def layer_saved_bytes(cfg: Mapping[str, Any], *, micro_batch: int, seq_len: int, precision: str,
+                      attn: str = "sdpa", grad_ckpt: bool = False) -> int:
+    """What one fully trained decoder layer leaves for backward (its share of
+    ``held_for_backward``), from the replay: the difference between the model with one more
+    layer and the model as configured. Closed forms for the common cases are in
+    docs/activations.md."""
+    more = dict(cfg, num_hidden_layers=cfg["num_hidden_layers"] + 1)
+    kw = dict(micro_batch=micro_batch, seq_len=seq_len, precision=precision, attn=attn, grad_ckpt=grad_ckpt)
+    return decoder_step_memory(more, **kw).held_for_backward - decoder_step_memory(cfg, **kw).held_for_backward
+
+
+def decoder_buffer_bytes(cfg: Mapping[str, Any], weight_item: int = FP32) -> int:
+    """Bytes of a decoder's buffers on the GPU: the rotary embedding's ``inv_freq`` and
+    ``original_inv_freq`` ([hd/2] fp32, converted with the module), and Gemma's ``embed_scale``
+    (0-dim). Non-persistent, so they are not in the parameter inventory; constant all step."""
+    dims = DecoderDims.from_config(cfg)
+    rotary = 2 * _round((dims.head_dim // 2) * weight_item)
+    return rotary + (_round(weight_item) if dims.model_type == "gemma" else 0)
+
+
 # --------------------------------------------------------------------------------------------
 # Optimizer-phase temporaries
 # --------------------------------------------------------------------------------------------
@@ -1064,39 +1175,46 @@ def clip_grad_norm_temporaries_bytes(n_grads: int) -> int:
     return n_grads * _round(FP32) + _round(n_grads * FP32) + _round(FP32)
 
 
-def optimizer_step_temporaries_bytes(impl: OptimizerImpl | str, trainable_tensor_bytes: Sequence[int],
-                                     state_item: int) -> int:
-    """Temporaries of one optimizer step at its peak (torch 2.13 torch/optim/adamw.py, transformers
-    optimization.py Adafactor).
+def optimizer_step_temporaries_bytes(impl: OptimizerImpl | str, trainable_numels: Sequence[int],
+                                     param_item: int) -> int:
+    """Temporaries of one optimizer step at its peak (torch 2.13 torch/optim/adamw.py; transformers
+    5.24 optimization.py ``Adafactor.step``).
 
     Args:
         impl: the optimizer implementation.
-        trainable_tensor_bytes: bytes of each trainable tensor in its parameter dtype.
-        state_item: element size of the optimizer states (the parameter dtype for torch optimizers).
+        trainable_numels: element counts of the trainable tensors, in ``model.parameters()`` order
+            (the order the optimizer walks them).
+        param_item: bytes per element of the parameters (and of torch optimizers' states).
     """
     impl = OptimizerImpl(impl)
-    if not trainable_tensor_bytes:
+    if not trainable_numels:
         return 0
-    sizes = list(trainable_tensor_bytes)
     if impl is OptimizerImpl.TORCH_ADAMW_FOREACH:
-        # _multi_tensor_adamw: exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs), a full copy
-        # of the second moments, alive until _foreach_addcdiv_ has used it.
-        return sum(_round(b) for b in sizes)
+        # _multi_tensor_adamw: exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs), a full copy of
+        # the second moments, alive until _foreach_addcdiv_ has used it.
+        return sum(_round(n * param_item) for n in trainable_numels)
     if impl is OptimizerImpl.TORCH_ADAMW_FORLOOP:
-        # _single_tensor_adamw: (exp_avg_sq.sqrt() / bias_correction2_sqrt): sqrt and quotient of
-        # one tensor at a time.
-        return 2 * max(_round(b) for b in sizes)
+        # _single_tensor_adamw: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps): the
+        # sqrt and the quotient of tensor i, while ``denom`` still holds tensor i-1's (measured).
+        return _consecutive_peak([_round(n * param_item) for n in trainable_numels], 2)
     if impl is OptimizerImpl.HF_ADAFACTOR:
-        # Adafactor.step: update = grad**2 + eps, then _approx_sq_grad's full outer product while
-        # the old update is still bound: two fp32 copies of one tensor; a 16-bit parameter adds
-        # its fp32 grad and fp32 data copies.
-        biggest = max(sizes)
-        elems = biggest // max(1, min(state_item, FP32)) if state_item else biggest
-        fp32 = _round(elems * FP32)
-        return 2 * fp32 + (2 * fp32 if state_item != FP32 else 0)
+        # update = grad**2 + eps (pow and sum alive together) while ``update`` still holds the
+        # previous tensor's; a 16-bit parameter adds its fp32 grad and fp32 data copies.
+        per = 2 if param_item == FP32 else 4
+        return _consecutive_peak([_round(n * FP32) for n in trainable_numels], per)
     # fused AdamW (torch._fused_adamw_), DeepSpeed FusedAdam / CPU Adam, bitsandbytes 8-bit and
     # SGD with momentum update in place.
     return 0
+
+
+def _consecutive_peak(sizes: Sequence[int], per_current: int) -> int:
+    """``max_i(sizes[i-1] + per_current * sizes[i])``: a per-tensor loop whose result variable
+    keeps the previous tensor's temporary until it is rebound."""
+    best, prev = 0, 0
+    for b in sizes:
+        best = max(best, prev + per_current * b)
+        prev = b
+    return best
 
 
 # --------------------------------------------------------------------------------------------
@@ -1147,6 +1265,7 @@ def decoder_step_memory(
     use_cache: bool | None = None,
     max_grad_norm: bool = True,
     workspaces: bool = True,
+    input_requires_grad: bool | None = None,
 ) -> StepMemory:
     """What one training step of a ``*ForCausalLM`` decoder holds beyond its model states.
 
@@ -1175,6 +1294,9 @@ def decoder_step_memory(
         workspaces: count kernel workspaces that meta kernels do not show (FlashAttention
             backward's dq accumulator, softmax_d and GQA-expanded dk/dv). The tracer cannot see
             them; tests comparing with it pass False.
+        input_requires_grad: the embeddings' output requires grad
+            (``enable_input_require_grads``), so frozen leading layers save for backward. None:
+            True for LoRA with gradient checkpointing (peft ``PeftModel`` and TRL call it then).
     """
     if attn not in ATTENTIONS:
         raise ValueError(f"attn must be one of {', '.join(ATTENTIONS)}; got {attn!r}")
@@ -1183,9 +1305,12 @@ def decoder_step_memory(
     dims = DecoderDims.from_config(cfg)
     w_item, ac = _precision(precision, module_dtype_bytes, autocast)
     cache = cfg.get("use_cache", True) if use_cache is None else use_cache
-    dec = _Decoder(dims, micro_batch=micro_batch, seq_len=seq_len, weight_item=w_item, autocast=ac, attn=attn,
+    lora = _lora_ranks(params)
+    if input_requires_grad is None:
+        input_requires_grad = bool(lora) and grad_ckpt
+    dec = _Decoder(cfg, dims, micro_batch=micro_batch, seq_len=seq_len, weight_item=w_item, autocast=ac, attn=attn,
                    grad_ckpt=grad_ckpt, use_cache=bool(cache), trainable=_trainable_map(dims, params),
-                   lora=_lora_ranks(params), workspaces=workspaces)
+                   lora=lora, workspaces=workspaces, input_requires_grad=input_requires_grad)
     sim = dec.sim
     loss, held = dec.forward()
     sim.backward(loss)
@@ -1197,7 +1322,7 @@ def decoder_step_memory(
     sizes = [_round(t.nbytes) for t in trained.values()]
     opt_grads = sum(sizes)
     clip = clip_grad_norm_temporaries_bytes(len(sizes)) if max_grad_norm else 0
-    step = optimizer_step_temporaries_bytes(optimizer_impl, [t.nbytes for t in trained.values()], w_item)
+    step = optimizer_step_temporaries_bytes(optimizer_impl, [t.numel for t in trained.values()], w_item)
     opt_tmp = max(clip, step)
     inputs = 2 * _round(micro_batch * seq_len * INT64)
     mem = {
