@@ -589,9 +589,23 @@ def _lora_ranks(params: Sequence[Any] | None) -> dict[str, int]:
 class _Decoder:
     """One training step of a ``*ForCausalLM`` decoder, replayed on a ``_Sim``."""
 
-    def __init__(self, cfg: Mapping[str, Any], dims: DecoderDims, *, micro_batch: int, seq_len: int, weight_item: int, autocast: bool,
-                 attn: str, grad_ckpt: bool, use_cache: bool, trainable: Mapping[str, bool],
-                 lora: Mapping[str, int], workspaces: bool, input_requires_grad: bool) -> None:
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        dims: DecoderDims,
+        *,
+        micro_batch: int,
+        seq_len: int,
+        weight_item: int,
+        autocast: bool,
+        attn: str,
+        grad_ckpt: bool,
+        use_cache: bool,
+        trainable: Mapping[str, bool],
+        lora: Mapping[str, int],
+        workspaces: bool,
+        input_requires_grad: bool,
+    ) -> None:
         self.d = dims
         self.b, self.s = micro_batch, seq_len
         self.N = micro_batch * seq_len
@@ -826,8 +840,12 @@ class _Decoder:
         lse_len = -(-self.s // EFFICIENT_LSE_ROUND) * EFFICIENT_LSE_ROUND
         lse = sim.new(self.b * d.heads * lse_len, FP32)
         seeds = [sim.new(1, INT64), sim.new(1, INT64)]
-        sim.node([out], [q, k, v], [q, k, v, out, lse, bias, *seeds],
-                 lambda s, g, q=q, k=k, v=v: [s.grad(q), s.grad(k), s.grad(v)])
+        sim.node(
+            [out],
+            [q, k, v],
+            [q, k, v, out, lse, bias, *seeds],
+            lambda s, g, q=q, k=k, v=v: [s.grad(q), s.grad(k), s.grad(v)],
+        )
         sim.drop(lse, bias, *seeds)
         return out
 
@@ -1064,14 +1082,12 @@ class _Decoder:
         lf = sim.cast(logits, FP32)
         labels = sim.new(self.b * (self.s + 1), INT64)  # nn.functional.pad(labels, (0, 1))
         target = sim.new(self.N, INT64) if self.b > 1 else sim.alias(labels)  # [..., 1:].contiguous()
-        sim.drop(labels)
         lsm = sim.new(lf.numel, FP32, rg=lf.rg)
         sim.node([lsm], [lf], [lsm], lambda s, g, lf=lf: [s.grad(lf)])  # _log_softmax_backward_data
-        sim.drop(lf)
         loss = sim.new(1, FP32, rg=lsm.rg)
         weight = sim.new(1, FP32)  # nll_loss total_weight
         sim.node([loss], [lsm], [lsm, target, weight], lambda s, g, lsm=lsm: [s.grad(lsm)])  # nll_loss_backward
-        sim.drop(target, weight, lsm)
+        sim.drop(target, weight, lsm, labels, lf)  # labels and the fp32 logits stay bound until it returns
         return loss
 
 
@@ -1098,8 +1114,9 @@ def _slice_bw(s: _Sim, base: _T, g: _T | None) -> _T | None:
     return s.new(base.numel, g.item)
 
 
-def flash_backward_workspace(b: int, s: int, heads: int, kv_heads: int, head_dim: int,
-                             item: int) -> list[tuple[int, int]]:
+def flash_backward_workspace(
+    b: int, s: int, heads: int, kv_heads: int, head_dim: int, item: int
+) -> list[tuple[int, int]]:
     """Scratch tensors (elements, bytes per element) FlashAttention-2's backward allocates besides
     dq/dk/dv (flash_attn ``mha_bwd``, vendored in torch's flash_api.cpp): ``dq_accum`` fp32
     [b, ceil128(s), nh, ceil32(hd)], ``softmax_d`` fp32 [b, nh, ceil128(s)] and, under GQA,
@@ -1141,8 +1158,15 @@ def autocast_weight_cache_bytes(params: Sequence[Any]) -> int:
     return total
 
 
-def layer_saved_bytes(cfg: Mapping[str, Any], *, micro_batch: int, seq_len: int, precision: str,
-                      attn: str = "sdpa", grad_ckpt: bool = False) -> int:
+def layer_saved_bytes(
+    cfg: Mapping[str, Any],
+    *,
+    micro_batch: int,
+    seq_len: int,
+    precision: str,
+    attn: str = "sdpa",
+    grad_ckpt: bool = False,
+) -> int:
     """What one fully trained decoder layer leaves for backward (its share of
     ``held_for_backward``), from the replay: the difference between the model with one more
     layer and the model as configured. Closed forms for the common cases are in
@@ -1175,8 +1199,9 @@ def clip_grad_norm_temporaries_bytes(n_grads: int) -> int:
     return n_grads * _round(FP32) + _round(n_grads * FP32) + _round(FP32)
 
 
-def optimizer_step_temporaries_bytes(impl: OptimizerImpl | str, trainable_numels: Sequence[int],
-                                     param_item: int) -> int:
+def optimizer_step_temporaries_bytes(
+    impl: OptimizerImpl | str, trainable_numels: Sequence[int], param_item: int
+) -> int:
     """Temporaries of one optimizer step at its peak (torch 2.13 torch/optim/adamw.py; transformers
     5.24 optimization.py ``Adafactor.step``).
 
@@ -1308,9 +1333,21 @@ def decoder_step_memory(
     lora = _lora_ranks(params)
     if input_requires_grad is None:
         input_requires_grad = bool(lora) and grad_ckpt
-    dec = _Decoder(cfg, dims, micro_batch=micro_batch, seq_len=seq_len, weight_item=w_item, autocast=ac, attn=attn,
-                   grad_ckpt=grad_ckpt, use_cache=bool(cache), trainable=_trainable_map(dims, params),
-                   lora=lora, workspaces=workspaces, input_requires_grad=input_requires_grad)
+    dec = _Decoder(
+        cfg,
+        dims,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        weight_item=w_item,
+        autocast=ac,
+        attn=attn,
+        grad_ckpt=grad_ckpt,
+        use_cache=bool(cache),
+        trainable=_trainable_map(dims, params),
+        lora=lora,
+        workspaces=workspaces,
+        input_requires_grad=input_requires_grad,
+    )
     sim = dec.sim
     loss, held = dec.forward()
     sim.backward(loss)

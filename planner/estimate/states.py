@@ -177,12 +177,19 @@ def model_state_items(
     """
     zero = zero or ZeroSettings()
     if options.engine is Engine.TORCH:
-        return _torch_items(params, options)
-    if options.zero is ZeroStage.PARAMETERS:
-        return _zero3_items(params, options, world_size, zero)
-    if options.zero is ZeroStage.DISABLED:
-        return _deepspeed_stage0_items(params, options)
-    return _zero12_items(params, options, world_size, zero, grad_accum)
+        items = _torch_items(params, options)
+    elif options.zero is ZeroStage.PARAMETERS:
+        items = _zero3_items(params, options, world_size, zero)
+    elif options.zero is ZeroStage.DISABLED:
+        items = _deepspeed_stage0_items(params, options)
+    else:
+        items = _zero12_items(params, options, world_size, zero, grad_accum)
+    if grad_accum > 1:
+        # Accumulated gradients stay alive through the forward and backward of the next
+        # micro-steps (autograd's .grad +=, ZeRO-1's full grads, ZeRO-2's all_grad_tensors).
+        items = [Item(it.group, it.category, it.place, it.nbytes, STEP) if it.phases == FROM_BACKWARD
+                 and it.category is Category.GRADIENTS else it for it in items]
+    return items
 
 
 def _torch_items(params: Sequence[Param], options: TrainingOptions) -> list[Item]:

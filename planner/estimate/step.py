@@ -71,8 +71,9 @@ def step_items(model: ModelSpec, params: Sequence[Param], options: TrainingOptio
         ]
         if not deepspeed:
             items.append(Item(g, Category.TEMPORARIES, Place.GPU, mem.optimizer_temporaries, OPTIMIZER))
-            items.append(Item(g, Category.GRADIENTS, Place.GPU, mem.backward_gradients, BACKWARD))
-    if options.engine is Engine.TORCH:
+            if workload.grad_accum == 1:  # with accumulation every .grad already exists (states.py)
+                items.append(Item(g, Category.GRADIENTS, Place.GPU, mem.backward_gradients, BACKWARD))
+    if options.engine is Engine.TORCH and workload.grad_accum == 1:
         # A modeled decoder's .grad tensors: all of them in the optimizer step; at the backward
         # peak only those already produced (added above).
         state_items[:] = [
