@@ -71,6 +71,10 @@ class EncoderMemory:
         backward_temporaries: gradients of activations alive at the backward peak, including
             the incoming gradient of the output (allocated by the consumer's backward).
         backward_gradients: this encoder's parameter gradients alive at its backward peak.
+        autocast_cache: under amp, bf16 copies of trainable fp32 weights that autocast keeps
+            until the *model's* forward ends (MiniCPM: after the LLM's forward and loss) beyond
+            those already in ``held_for_backward``; 0 without autocast or without trained
+            weights. With checkpointing this is about 2 bytes per trainable parameter.
     """
 
     forward_activations: int
@@ -79,6 +83,7 @@ class EncoderMemory:
     backward_activations: int
     backward_temporaries: int
     backward_gradients: int
+    autocast_cache: int = 0
 
     @property
     def forward_peak_bytes(self) -> int:
@@ -184,6 +189,7 @@ class _Region:
 
     fn: Callable[[_T], _T]
     x: _T
+    extra: tuple[_T, ...] = ()  # other tensor arguments (an attention mask), held alike
     nodes: list[_Node] = field(default_factory=list)
     recomputed: bool = False
 
@@ -203,6 +209,7 @@ class _Sim:
         self.replay_target = 0  # early stop once this many are saved
         self.stopped = False
         self.held = 0
+        self.cache_only = 0
         self.slots: dict[int, _T] = {}
         self.grads: dict[int, _T] = {}  # id(param tensor) -> its .grad
 
@@ -447,17 +454,17 @@ class _Sim:
         return out
 
     # ---- checkpointing ------------------------------------------------------------------------
-    def checkpoint(self, fn: Callable[[_T], _T], x: _T, enabled: bool) -> _T:
-        """Run ``fn(x)`` under non-reentrant checkpointing when ``enabled`` (the input is held by
-        the checkpoint until the region's backward is done)."""
+    def checkpoint(self, fn: Callable[[_T], _T], x: _T, enabled: bool, extra: tuple[_T | None, ...] = ()) -> _T:
+        """Run ``fn(x)`` under non-reentrant checkpointing when ``enabled``: the checkpoint holds
+        its tensor arguments (``x`` and ``extra``) until the region's backward is done."""
         if not enabled or self.region is not None:
             return fn(x)
-        region = _Region(fn, self.alias(x))
+        region = _Region(fn, self.alias(x), tuple(self.alias(t) for t in extra if t is not None))
         self.region = region
         out = fn(x)
         self.region = None
         if not region.nodes:
-            self.drop(region.x)
+            self.drop(region.x, *region.extra)
         return out
 
     def _recompute(self, region: _Region) -> None:
@@ -493,7 +500,7 @@ class _Sim:
             if r is not None:
                 remaining[id(r)] -= 1
                 if remaining[id(r)] == 0:
-                    self.drop(r.x)
+                    self.drop(r.x, *r.extra)
 
     def _run(self, n: _Node) -> None:
         gouts = [self.slots.pop(id(o), None) for o in n.outs]
@@ -543,6 +550,7 @@ class _Sim:
             backward_activations=bw["activations"],
             backward_temporaries=bw["temporaries"],
             backward_gradients=bw["gradients"],
+            autocast_cache=self.cache_only,
         )
 
 
@@ -551,14 +559,19 @@ def _finish(s: _Sim, outs: list[_T], trained_path: bool) -> EncoderMemory:
     chunks) and hands them on; autocast ends with the model forward; then backward."""
     out = s.cat(outs) if len(outs) > 1 else s.alias(outs[0])
     s.drop(*outs, out)
+    before = s.led.now["activations"]
     s.end_autocast()
     s.held = s.led.now["activations"]
+    s.cache_only = before - s.held
     if trained_path and out.rg:
         s.backward(out)
     return s.result()
 
 
-def _check(attn: str, module_dtype_bytes: int, autocast: bool) -> None:
+def _check(attn: str, module_dtype_bytes: int, autocast: bool, **counts: int) -> None:
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1; got {value}")
     if attn not in ATTENTIONS:
         raise ValueError(f"attn must be one of {', '.join(ATTENTIONS)}; got {attn!r}")
     if module_dtype_bytes not in (FP32, HALF):
@@ -581,14 +594,16 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
 
 
 def _attention_eager(s: _Sim, q: _T, k: _T, v: _T, c: int, heads: int, seq: int, mask: _T | None,
-                     *, clone_qk: bool, probs_item: int | None) -> tuple[_T, _T]:
+                     *, clone_qkv: bool, explicit_fp32: bool) -> tuple[_T, _T]:
     """``eager_attention_forward``; returns (output [N, D] contiguous, the probabilities the
-    caller keeps as the unused second output). ``clone_qk``: q/k are transposed views that
-    ``matmul`` copies (SigLIP); ``probs_item``: dtype of the softmax (SigLIP passes
-    ``dtype=float32`` then ``.to(query.dtype)``; Whisper relies on autocast's fp32 list)."""
+    caller keeps as the unused second output). ``clone_qkv``: q/k/v are [C, h, L, d] transposed
+    views of [C, L, h, d] projections, which ``matmul`` copies to fold (C, h) into one batch
+    dimension (SigLIP with C > 1; with C = 1 the fold is a view). ``explicit_fp32``: SigLIP's
+    ``softmax(dtype=float32).to(query.dtype)``; otherwise (Whisper) a plain softmax, fp32 under
+    CUDA autocast's fp32 op list, cast back by the next matmul."""
     n = q.numel
     scores = c * heads * seq * seq
-    if clone_qk:
+    if clone_qkv:
         qc, kc = s.clone(q), s.clone(k)
     else:
         qc, kc = s.alias(q), s.alias(k)
@@ -600,20 +615,20 @@ def _attention_eager(s: _Sim, q: _T, k: _T, v: _T, c: int, heads: int, seq: int,
         masked = s.add(w, mask)
         s.drop(w)
         w = masked
-    if probs_item is not None:  # SigLIP: softmax(dtype=fp32).to(query.dtype)
+    if explicit_fp32:
         p32 = s.softmax(w, FP32)
         p = s.cast(p32, q.item)
         s.drop(w, p32)
-        vc = s.clone(v)
+        vc = s.clone(v) if clone_qkv else s.alias(v)
         keep = p
-    else:  # Whisper: softmax (fp32 under autocast), then matmul casts it back
+    else:
         p32 = s.softmax(w, FP32 if s.amp else w.item)
         s.drop(w)
         p = s.ac(p32)
         vc = s.alias(v)
         keep = p32
     o = s.bmm(p, vc, n)
-    if probs_item is None:
+    if not explicit_fp32:
         s.drop(p)
     s.drop(vc)
     oc = s.clone(o)  # attn_output.transpose(1, 2).contiguous()
@@ -629,7 +644,7 @@ def _siglip_layer(s: _Sim, x: _T, p: dict[str, _T], dims: tuple[int, ...], attn:
     k = s.linear(h, p["k.w"], p["k.b"], d)
     v = s.linear(h, p["v.w"], p["v.b"], d)
     if attn == "eager":
-        o, probs = _attention_eager(s, q, k, v, c, heads, seq, mask, clone_qk=True, probs_item=s.cd)
+        o, probs = _attention_eager(s, q, k, v, c, heads, seq, mask, clone_qkv=c > 1, explicit_fp32=True)
     else:  # q is a transposed view of q_proj's output, so the kernel's output (empty_like(query))
         # is already [b, L, h, d] in memory and `.transpose(1, 2).contiguous()` is free
         o, probs = s.flash(q, k, v, c * heads * _lse_len(s, seq)), None
@@ -685,7 +700,9 @@ def vision_tower_memory(cfg: Mapping[str, Any], *, crops: int, patches: int, chu
     Returns:
         Bytes per GPU for one micro-batch's vision tower.
     """
-    _check(attn, module_dtype_bytes, autocast)
+    _check(attn, module_dtype_bytes, autocast, crops=crops, patches=patches)
+    if chunk < 0:
+        raise ValueError(f"chunk must be >= 0; got {chunk}")
     if masked and attn != "eager":
         raise ValueError("masked crops are modelled for eager attention only")
     d, inter = _get(cfg, "hidden_size"), _get(cfg, "intermediate_size")
@@ -711,7 +728,7 @@ def vision_tower_memory(cfg: Mapping[str, Any], *, crops: int, patches: int, chu
         embeds = s.alias(x)  # SiglipEncoder.forward(inputs_embeds): referenced until the tower returns
         for p in blocks:
             y = s.checkpoint(lambda t, p=p, c=c, mask=mask: _siglip_layer(s, t, p, (c, patches, d, inter, heads),
-                                                                           attn, mask), x, grad_ckpt)
+                                                                           attn, mask), x, grad_ckpt, (mask,))
             s.drop(x)
             x = y
         out = s.layer_norm(x, post_w, post_b, n)
@@ -738,7 +755,7 @@ def _navit_mask(s: _Sim, c: int, seq: int, item: int) -> _T:
 # --------------------------------------------------------------------------------------------
 
 
-def _whisper_layer(s: _Sim, x: _T, p: dict[str, _T], dims: tuple[int, ...], attn: str) -> _T:
+def _whisper_layer(s: _Sim, x: _T, p: dict[str, _T], dims: tuple[int, ...], attn: str, mask: _T | None) -> _T:
     c, seq, d, inter, heads = dims
     n = c * seq
     h = s.layer_norm(x, p["ln1.w"], p["ln1.b"], n)
@@ -754,7 +771,7 @@ def _whisper_layer(s: _Sim, x: _T, p: dict[str, _T], dims: tuple[int, ...], attn
     v = s.clone(v0)
     s.drop(v0)
     if attn == "eager":
-        o, probs = _attention_eager(s, q, k, v, c, heads, seq, None, clone_qk=False, probs_item=None)
+        o, probs = _attention_eager(s, q, k, v, c, heads, seq, mask, clone_qkv=False, explicit_fp32=False)
     else:
         # the kernel's output takes the layout of the contiguous [b, h, L, d] query (meta and CUDA:
         # empty_like(query)), so `attn_output.transpose(1, 2).contiguous()` copies it
@@ -778,7 +795,8 @@ def _whisper_layer(s: _Sim, x: _T, p: dict[str, _T], dims: tuple[int, ...], attn
 
 
 def whisper_encoder_memory(cfg: Mapping[str, Any], *, pieces: int, positions: int, attn: str, trained: bool,
-                           grad_ckpt: bool, module_dtype_bytes: int, autocast: bool) -> EncoderMemory:
+                           grad_ckpt: bool, module_dtype_bytes: int, autocast: bool,
+                           minicpm_o: bool = False) -> EncoderMemory:
     """Whisper encoder (``apm``) over ``pieces`` audio pieces of ``positions`` encoder positions
     each (1500 for 30 s; the mel input has twice as many frames).
 
@@ -786,11 +804,20 @@ def whisper_encoder_memory(cfg: Mapping[str, Any], *, pieces: int, positions: in
         cfg: Whisper config (``d_model``, ``encoder_layers``, ``encoder_attention_heads``,
             ``encoder_ffn_dim``, ``num_mel_bins``).
         attn, trained, grad_ckpt, module_dtype_bytes, autocast: as ``vision_tower_memory``.
+        minicpm_o: run it as MiniCPM-o 2.6's ``get_audio_hidden_states`` runs its
+            ``MiniCPMWhisperEncoder``: an additive [P, 1, L, L] padding + per-second chunk mask
+            in the weights' dtype (with its bool [P, 1, L, L] and [L, L] helpers alive
+            alongside), the position table sliced instead of looked up, and
+            ``output_hidden_states=True`` (every layer's input referenced until the encoder
+            returns). Eager only (with a mask, sdpa would take the memory-efficient kernel,
+            which is not modelled).
 
     Returns:
         Bytes per GPU for one micro-batch's audio encoder.
     """
-    _check(attn, module_dtype_bytes, autocast)
+    _check(attn, module_dtype_bytes, autocast, pieces=pieces, positions=positions)
+    if minicpm_o and attn != "eager":
+        raise ValueError("the MiniCPM-o audio path (an attention mask) is modelled for eager attention only")
     d, inter = _get(cfg, "d_model"), _get(cfg, "encoder_ffn_dim")
     layers, heads, mels = _get(cfg, "encoder_layers"), _get(cfg, "encoder_attention_heads"), _get(cfg, "num_mel_bins")
     s = _Sim(amp=autocast, module_item=module_dtype_bytes)
@@ -799,7 +826,16 @@ def whisper_encoder_memory(cfg: Mapping[str, Any], *, pieces: int, positions: in
     table = s.param(positions * d, False)  # WhisperEncoder.__init__: embed_positions.requires_grad_(False)
     blocks = [_layer_params(s, trained, d, inter, k_bias=False) for _ in range(layers)]
     ln_w, ln_b = s.param(d, trained), s.param(d, trained)
-    n = pieces * positions
+    n, square = pieces * positions, pieces * positions * positions
+    held: list[_T] = []
+    mask = None
+    if minicpm_o:  # built by the caller before the encoder runs
+        mask = s.new(square, module_dtype_bytes)  # padding_mask.view().expand().to(conv1.weight.dtype)
+        chunk = s.new(positions * positions, BOOL)  # subsequent_chunk_mask
+        not_chunk = s.new(positions * positions, BOOL)
+        merged = s.new(square, BOOL)  # torch.logical_or(...), then mask[merged] = -inf in place
+        s.drop(not_chunk)
+        held += [mask, chunk, merged]
     feats = _T(pieces * mels * 2 * positions, module_dtype_bytes, False)  # the caller's
     c1 = s.conv(feats, c1w, c1b, pieces * d * 2 * positions)
     g1 = s.gelu(c1)
@@ -808,17 +844,24 @@ def whisper_encoder_memory(cfg: Mapping[str, Any], *, pieces: int, positions: in
     s.drop(g1)
     g2 = s.gelu(c2)
     s.drop(c2)
-    arange = s.new(positions, INT64)  # all_positions
-    pos = s.embedding(table, positions * d)
-    x = s.add(g2, pos)
-    s.drop(pos)  # `inputs_embeds` (g2) stays referenced until WhisperEncoder.forward returns
+    if minicpm_o:  # hidden_states = inputs_embeds + self.embed_positions.weight[:L]
+        x = s.add(g2, table)
+    else:
+        arange = s.new(positions, INT64)  # all_positions
+        pos = s.embedding(table, positions * d)
+        x = s.add(g2, pos)
+        s.drop(pos)
+        held.append(arange)
+    held.append(g2)  # `inputs_embeds` stays referenced until the encoder's forward returns
     for p in blocks:
-        y = s.checkpoint(lambda t, p=p: _whisper_layer(s, t, p, (pieces, positions, d, inter, heads), attn), x,
-                         grad_ckpt)
+        if minicpm_o:
+            held.append(s.alias(x))  # encoder_states += (hidden_states,)
+        y = s.checkpoint(lambda t, p=p: _whisper_layer(s, t, p, (pieces, positions, d, inter, heads), attn, mask),
+                         x, grad_ckpt, (mask,))
         s.drop(x)
         x = y
     out = s.layer_norm(x, ln_w, ln_b, n)
-    s.drop(x, arange, g2)
+    s.drop(x, *held)
     return _finish(s, [out], trained)
 
 
@@ -842,7 +885,7 @@ def resampler_memory(cfg: Mapping[str, Any], *, crops: int, patches: int, traine
     Returns:
         Bytes per GPU for one micro-batch's resampler call.
     """
-    _check("eager", module_dtype_bytes, autocast)
+    _check("eager", module_dtype_bytes, autocast, crops=crops, patches=patches)
     q_len, d, heads = _get(cfg, "num_queries"), _get(cfg, "embed_dim"), _get(cfg, "num_heads")
     kv_dim = cfg.get("kv_dim") or d
     s = _Sim(amp=autocast, module_item=module_dtype_bytes)
@@ -866,11 +909,11 @@ def resampler_memory(cfg: Mapping[str, Any], *, crops: int, patches: int, traine
     qr = s.repeat(q, c)
     key = s.add(xk, pos)
     out = _mha(s, qr, key, xk, in_w, in_b, out_w, out_b, c, q_len, patches, d, heads)
-    s.drop(qr, key)
+    s.drop(qr, key, xk)  # x = out.permute(1, 0, 2) releases ln_kv's output
     post = s.layer_norm(out, *lns["post"], c * q_len)
     s.drop(out)
     res = s.linear(post, proj, None, d)  # x @ self.proj
-    s.drop(post, q, xk, pos, padding)
+    s.drop(post, q, pos, padding)
     return _finish(s, [res], trained or input_requires_grad)
 
 
@@ -881,13 +924,16 @@ def _mha(s: _Sim, query: _T, key: _T, value: _T, in_w: _T, in_b: _T, out_w: _T, 
     kpm = s.new(c * seq, query.item)  # _canonical_mask: zeros_like(float).masked_fill_
     wq, wk, wv = s.split(in_w, 3)
     bq, bk, bv = s.split(in_b, 3)
+    # key and value are [L, C, D] views of [C, L, D] tensors: contiguous only for one crop
     qp = s.linear(query, wq, bq, d, cacheable=False)
-    kp = s.linear(key, wk, bk, d, contiguous=False, cacheable=False)
-    vp = s.linear(value, wv, bv, d, contiguous=False, cacheable=False)
-    mask = s.new(c * heads * seq, kpm.item)  # .view().expand().reshape(bsz * heads, 1, L): a copy
+    kp = s.linear(key, wk, bk, d, contiguous=c == 1, cacheable=False)
+    vp = s.linear(value, wv, bv, d, contiguous=c == 1, cacheable=False)
+    # .view(C, 1, 1, L).expand(-1, heads, -1, -1).reshape(C * heads, 1, L): a copy unless C == 1
+    mask = s.new(c * heads * seq, kpm.item) if c > 1 else s.alias(kpm)
     s.drop(kpm)
     qs = s.mul_scalar(qp)  # q * sqrt(1 / E); `q` itself stays referenced until the function returns
-    m = s.ac(mask)  # baddbmm is autocast lower precision
+    # baddbmm is autocast lower precision: the cast materialises the expanded [C*h, 1, L] mask
+    m = s.new(c * heads * seq, s.cd) if s.amp and mask.item != s.cd else s.alias(mask)
     scores = s.bmm(qs, kp, c * heads * q_len * seq)
     s.drop(qs, m)
     probs = s.softmax(scores, FP32 if s.amp else scores.item)
