@@ -11,9 +11,10 @@ from collections.abc import Sequence
 
 from planner.architectures import DECODER_TYPES
 from planner.estimate.activations import decoder_step_memory
+from planner.estimate.encoders import EncoderMemory, resampler_memory, vision_tower_memory, whisper_encoder_memory
 from planner.estimate.result import FROM_BACKWARD, Category, Item, Phase, Place
 from planner.estimate.states import working_dtype
-from planner.options import Engine, TrainingOptions
+from planner.options import Engine, Precision, TrainingOptions
 from planner.profile import ModelSpec
 from planner.workload import Param, Workload
 
@@ -35,12 +36,18 @@ def step_items(model: ModelSpec, params: Sequence[Param], options: TrainingOptio
     notes: list[str] = []
     modeled: set[str] = set()
     built = {p.group for p in params}
+    encoders: list[tuple[str, EncoderMemory]] = []
+    vision = {g.name for g in model.groups if g.kind == "siglip_vision"}
+    llm_forward = llm_backward = 0
     for group in model.groups:
         if group.name not in built:
             continue
         if group.kind != "decoder":
-            if any(p.group == group.name for p in params):
-                notes.append(f"activations of {group.name} ({group.kind}) are not modeled yet")
+            enc = _encoder_memory(group, params, options, workload, vision)
+            if enc is not None:
+                encoders.append((group.name, enc))
+            elif any(p.trainable for p in params if p.group == group.name):
+                notes.append(f"activations of {group.name} ({group.kind}) are not modeled")
             continue
         if group.config.get("model_type") not in DECODER_TYPES:
             notes.append(f"activations of {group.name}: no activation model for model_type "
@@ -62,6 +69,8 @@ def step_items(model: ModelSpec, params: Sequence[Param], options: TrainingOptio
         )
         g = group.name
         modeled.add(g)
+        llm_forward += mem.forward_activations + mem.forward_temporaries
+        llm_backward += mem.backward_activations + mem.backward_temporaries
         items += [
             Item(g, Category.ACTIVATIONS, Place.GPU, mem.forward_activations + mem.inputs, FORWARD),
             Item(g, Category.TEMPORARIES, Place.GPU, mem.forward_temporaries, FORWARD),
@@ -73,6 +82,8 @@ def step_items(model: ModelSpec, params: Sequence[Param], options: TrainingOptio
             items.append(Item(g, Category.TEMPORARIES, Place.GPU, mem.optimizer_temporaries, OPTIMIZER))
             if workload.grad_accum == 1:  # with accumulation every .grad already exists (states.py)
                 items.append(Item(g, Category.GRADIENTS, Place.GPU, mem.backward_gradients, BACKWARD))
+    for name, enc in encoders:
+        items += _encoder_items(name, enc, llm_forward, llm_backward)
     if options.engine is Engine.TORCH and workload.grad_accum == 1:
         # A modeled decoder's .grad tensors: all of them in the optimizer step; at the backward
         # peak only those already produced (added above).
@@ -82,3 +93,61 @@ def step_items(model: ModelSpec, params: Sequence[Param], options: TrainingOptio
             for it in state_items
         ]
     return [it for it in items if it.nbytes], notes
+
+
+def _encoder_items(name: str, enc: EncoderMemory, llm_forward: int, llm_backward: int) -> list[Item]:
+    """An encoder runs before the LLM in forward and after it in backward. What it holds for
+    backward (and autocast's weight copies) stays alive through the LLM's forward and backward;
+    its own peaks come at other moments, so each phase counts the larger of the two moments:
+    ``max(LLM peak + held, encoder peak) = LLM peak + held + max(0, encoder peak - LLM peak - held)``.
+    """
+    held = enc.held_for_backward + enc.autocast_cache
+    fwd_extra = max(0, enc.forward_activations + enc.forward_temporaries - llm_forward - held)
+    own_backward = enc.backward_activations + enc.backward_temporaries + enc.backward_gradients
+    bwd_extra = max(0, own_backward - llm_backward - enc.held_for_backward)
+    return [
+        Item(name, Category.ACTIVATIONS, Place.GPU, held, FORWARD),
+        Item(name, Category.TEMPORARIES, Place.GPU, fwd_extra, FORWARD),
+        Item(name, Category.ACTIVATIONS, Place.GPU, enc.held_for_backward, BACKWARD),
+        Item(name, Category.TEMPORARIES, Place.GPU, bwd_extra, BACKWARD),
+    ]
+
+
+def _module_dtype(options: TrainingOptions) -> tuple[int, bool]:
+    """(parameter element size, autocast) of the modules during the step."""
+    if options.engine is Engine.DEEPSPEED:
+        return working_dtype(options).itemsize, False
+    amp = options.precision in (Precision.AMP_BF16, Precision.AMP_FP16)
+    return working_dtype(options).itemsize, amp
+
+
+def _encoder_memory(group, params: Sequence[Param], options: TrainingOptions, workload: Workload,
+                    vision_groups: set[str]) -> EncoderMemory | None:
+    """The vision tower, resampler or audio encoder of a MiniCPM-style model; None for others."""
+    trained = any(p.trainable for p in params if p.group == group.name)
+    item, autocast = _module_dtype(options)
+    layout = workload.image_layout()
+    if group.kind in ("siglip_vision", "resampler"):
+        if layout is None:
+            return None
+        crops = workload.micro_batch * workload.images * len(layout.crops)
+        patches = layout.max_crop_patches
+        if group.kind == "siglip_vision":
+            sizes = {(w // 14) * (h // 14) for w, h in layout.crops}
+            # MiniCPM's fine-tuning runs the tower's attention eager and checkpoints its layers
+            # with the LLM's (finetune.py); crops of different lengths are padded and masked.
+            return vision_tower_memory(group.config, crops=crops, patches=patches, attn="eager", trained=trained,
+                                       grad_ckpt=options.grad_ckpt, module_dtype_bytes=item, autocast=autocast,
+                                       masked=len(sizes) > 1 or workload.micro_batch * workload.images > 1)
+        vision_trained = any(p.trainable for p in params if p.group in vision_groups)
+        return resampler_memory(group.config, crops=crops, patches=patches, trained=trained, module_dtype_bytes=item,
+                                autocast=autocast, input_requires_grad=vision_trained)
+    if group.kind == "whisper_encoder":
+        audio = workload.audio()
+        if audio is None:
+            return None
+        positions = min(audio.encoder_positions, 1500)
+        return whisper_encoder_memory(group.config, pieces=workload.micro_batch * audio.pieces, positions=positions,
+                                      attn="eager", trained=trained, grad_ckpt=options.grad_ckpt,
+                                      module_dtype_bytes=item, autocast=autocast, minicpm_o=True)
+    return None
