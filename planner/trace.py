@@ -575,6 +575,23 @@ def _patch_unpacked_positions() -> None:
     masking_utils.find_packed_sequence_indices = lambda position_ids: None
 
 
+_SILU_LIBRARY: list[Any] = []  # keeps the registration alive for the worker's lifetime
+
+
+def _patch_silu_backward() -> None:
+    """On a CPU-only torch, ``aten::silu_backward`` has no CUDA kernel, so fake CUDA tensors take
+    a decomposition that allocates about 5 x [N, intermediate] temporaries a GPU never allocates
+    (found by the activation model's comparison, docs/activations.md). Dispatch it as a CUDA build
+    does: one output the size of the gradient."""
+    import torch
+
+    if torch.version.cuda is not None or _SILU_LIBRARY:
+        return
+    lib = torch.library.Library("aten", "IMPL")
+    lib.impl("silu_backward", lambda grad, x: torch.empty_like(grad), "CUDA")
+    _SILU_LIBRARY.append(lib)
+
+
 def _patch_cuda_autocast() -> None:
     """Let ``torch.autocast("cuda")`` turn on although no CUDA device exists (torch disables it
     with a warning otherwise; checkpoint's recomputation re-enters autocast that way)."""
@@ -778,6 +795,7 @@ def _run_trace(req: TraceRequest, dev: str, notes: list[str], say: Callable[[str
     t0 = time.perf_counter()
     if dev == "cuda":
         _patch_cuda_autocast()
+        _patch_silu_backward()
     _patch_unpacked_positions()
     amp_dtype = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}.get(req.precision)
     if req.precision == "amp-fp16":

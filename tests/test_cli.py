@@ -162,3 +162,20 @@ def test_profiles_list_and_validate(tmp_path):
     )
     result = CliRunner().invoke(main, ["profiles", "validate", str(bad)])
     assert result.exit_code == 2 and "add up to 12 parameters but expected_params says 5" in result.output
+
+
+def test_trace_command_agrees_with_estimate(tmp_path):
+    """`memplan trace` end to end: the real step of a small Qwen2, traced, against the estimate the
+    CLI's own pipeline makes for the same step (plain PyTorch, one GPU)."""
+    cfg = dict(TINY_QWEN, hidden_size=128, intermediate_size=352, vocab_size=4096, tie_word_embeddings=False)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    result = run("trace", "--model", str(tmp_path), "--seq-len", "256", "--micro-batch", "2", "--grad-ckpt", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["peak_phase"]["estimate"] == doc["peak_phase"]["traced"]
+    assert abs(doc["peak"]["error"]) < 0.03
+    for row in doc["phases"]:
+        assert abs(row["error"]) < 0.03, row
+    for label in ("weights", "optimizer_states"):  # MemTracker rounds each tensor up to 512 B
+        row = next(r for r in doc["at_peak"] if r["label"] == label)
+        assert abs(row["error"]) < 0.01, row
