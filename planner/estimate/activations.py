@@ -140,15 +140,10 @@ class StepMemory:
 # --------------------------------------------------------------------------------------------
 
 
-_DEBUG_LABELS = False  # development aid: remember who allocated each storage, snapshot it at peaks
-
-
 class _Tape:
     """Live bytes by category, with a reference count per storage and a peak per phase."""
 
     def __init__(self) -> None:
-        self.labels: dict[int, str] = {}
-        self.peak_labels: dict[str, dict[int, tuple[str, int]]] = {}
         self._size: dict[int, int] = {}
         self._cat: dict[int, str] = {}
         self._refs: dict[int, int] = {}
@@ -165,13 +160,6 @@ class _Tape:
         self._size[h], self._cat[h], self._refs[h] = size, cat, 1
         self.now[cat] += size
         self.total += size
-        if _DEBUG_LABELS:
-            import sys
-
-            f = sys._getframe(2)
-            while f.f_code.co_name in ("new", "grad", "<lambda>", "view") and f.f_back is not None:
-                f = f.f_back
-            self.labels[h] = f"{cat[:3]} {f.f_code.co_name}:{f.f_lineno}"
         return h
 
     def ref(self, h: int | None) -> None:
@@ -185,7 +173,6 @@ class _Tape:
         if self._refs[h] == 0:
             size, cat = self._size.pop(h), self._cat.pop(h)
             del self._refs[h]
-            self.labels.pop(h, None)
             self.now[cat] -= size
             self.total -= size
 
@@ -201,8 +188,6 @@ class _Tape:
         best = self.peaks.get(self.phase)
         if best is None or self.total >= best[0]:
             self.peaks[self.phase] = (self.total, dict(self.now))
-            if _DEBUG_LABELS:
-                self.peak_labels[self.phase] = {h: (self.labels.get(h, "?"), self._size[h]) for h in self._size}
 
 
 @dataclass(eq=False)
