@@ -61,6 +61,10 @@ def test_reference_case_is_host_bound():
     assert set(doc["per_gpu"]["by_category"]) >= {"weights", "gradients", "master_weights", "optimizer_states"}
     big = run("estimate", "--gpus", "2x3090", "--host-ram", "256GiB", "--json")
     assert json.loads(big.output)["fits"] is True
+    # Without zero.Init each rank first loads the whole model in bf16 (8,099,418,864 x 2 B), before
+    # DeepSpeed partitions it; the two ranks' process overhead is already there.
+    no_init = json.loads(run("estimate", "--gpus", "2x3090", "--host-ram", "64GiB", "--no-zero-init", "--json").output)
+    assert no_init["host"]["phase_totals"]["load"] == 2 * 8_099_418_864 * 2 + 2 * HOST_PROCESS_BYTES
 
 
 def test_table_output_names_the_binding_budget():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from planner.estimate.result import Estimate, Place, assemble
+from planner.estimate.result import ALWAYS, STEP, Estimate, Item, Place, assemble
 from planner.estimate.runtime import ddp_bucket_items, gathered_param_items, loading_items, overhead_items
 from planner.estimate.states import ZeroSettings, model_state_items
 from planner.estimate.step import step_items
@@ -46,7 +46,11 @@ def estimate(
     items += gathered_param_items(params, options, cluster.world_size, zero)
     items += ddp_bucket_items(params, options, cluster.world_size)
     zero3 = options.engine is Engine.DEEPSPEED and options.zero is ZeroStage.PARAMETERS
-    items += loading_items(params, options, zero_init=zero3 and options.zero_init)
+    zero_init = zero3 and options.zero_init
+    if not zero_init:  # offloaded partitions appear after loading, at initialize()
+        items = [Item(it.group, it.category, it.place, it.nbytes, STEP)
+                 if it.place is Place.HOST and it.phases == ALWAYS else it for it in items]
+    items += loading_items(params, options, zero_init=zero_init)
     gpu = [it for it in items if it.place is Place.GPU]
     phases = {ph for it in gpu for ph in it.phases}
     tensor_peak = max((sum(it.nbytes for it in gpu if ph in it.phases) for ph in phases), default=0)
