@@ -602,18 +602,15 @@ def _patch_cuda_autocast() -> None:
     torch.cuda.is_bf16_supported = lambda *a, **k: True
 
 
-def _build_model(req: TraceRequest, dev: str):
-    """The model with fake parameters on ``dev``; tied parameters stay tied."""
+def fake_from_meta(model: Any, dev: str, precision: str) -> None:
+    """Replace a meta model's parameters and buffers, in place, by fake tensors on ``dev``: one new
+    tensor per distinct meta tensor (``module._apply`` would untie shared parameters). pure-bf16
+    converts floating parameters and buffers as ``model.to(torch.bfloat16)`` does."""
     import torch
 
-    with torch.device("meta"):
-        model = _meta_model(req)
-    # Meta -> fake tensors on dev, one new tensor per distinct meta tensor (module._apply would
-    # untie shared parameters). pure-bf16 converts floating parameters and buffers as
-    # model.to(torch.bfloat16) does.
-    dtype = torch.bfloat16 if req.precision == "pure-bf16" else None
+    dtype = torch.bfloat16 if precision == "pure-bf16" else None
     new: dict[int, Any] = {}
-    keep = []
+    keep = []  # the meta tensors stay alive until done, so ids are not reused
     for mod in model.modules():
         for store, is_param in ((mod._parameters, True), (mod._buffers, False)):
             for name, t in list(store.items()):
@@ -624,7 +621,15 @@ def _build_model(req: TraceRequest, dev: str):
                     fake = torch.empty_like(t, device=dev, dtype=dtype if t.is_floating_point() and dtype else t.dtype)
                     new[id(t)] = torch.nn.Parameter(fake, requires_grad=t.requires_grad) if is_param else fake
                 store[name] = new[id(t)]
-    del keep
+
+
+def _build_model(req: TraceRequest, dev: str):
+    """The model with fake parameters on ``dev``; tied parameters stay tied."""
+    import torch
+
+    with torch.device("meta"):
+        model = _meta_model(req)
+    fake_from_meta(model, dev, req.precision)
     for name, p in model.named_parameters():
         if any(name.startswith(prefix) for prefix in req.frozen_prefixes):
             p.requires_grad_(False)

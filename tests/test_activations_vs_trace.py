@@ -12,17 +12,14 @@ gemma / phi3 / mistral), tied and untied embeddings, GQA / MHA / MQA, eager and 
 memory-efficient and math paths), checkpointing on and off, frozen embeddings and layers,
 fp32 / amp-bf16 / amp-fp16 / pure-bf16 and four optimizers.
 
-The judge runs with one fix, until planner.trace carries it (docs/activations.md, "What
-disagreed, and why", item 1): on a CPU-only torch build ``aten::silu_backward`` has no CUDA
-kernel, so fake-CUDA tensors take its CompositeImplicitAutograd decomposition (sigmoid, 1 - s,
-...) and allocate five [tokens, intermediate] temporaries a GPU never allocates. LoRA cases wrap
-the model in peft inside the same worker (the tracer itself cannot). The worker below registers a CUDA
-kernel for it, so the fake tensor reaches the single meta kernel, as on a CUDA build.
+The judge is planner.trace, which dispatches ``aten::silu_backward`` as a CUDA build does (on a
+CPU-only build its decomposition allocates five [tokens, intermediate] temporaries a GPU never
+allocates; docs/activations.md, "What disagreed, and why", item 1). LoRA cases wrap the model in
+peft inside a worker of the same tracer (the tracer itself cannot).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -147,19 +144,10 @@ CASES = {
 
 # ---- the judge ---------------------------------------------------------------------------------
 
-_SILU_FIX = "silu_backward"
-
-
-def _judge_has_fix() -> bool:
-    """Whether planner.trace already dispatches silu_backward as a CUDA build does."""
-    return _SILU_FIX in inspect.getsource(planner.trace)
-
-
 def run_judge(req: TraceRequest, lora: dict | None = None, timeout: float = 900) -> TraceResult:
-    """``planner.trace.trace_step``, with the silu_backward fix applied if the tracer lacks it, and
-    optionally the model wrapped in peft LoRA (``{"r": 8, "targets": ["q_proj", ...]}``; the
-    tracer itself cannot)."""
-    if lora is None and (_judge_has_fix() or req.device != "cuda"):
+    """``planner.trace.trace_step``, optionally with the model wrapped in peft LoRA
+    (``{"r": 8, "targets": ["q_proj", ...]}``; the tracer itself cannot)."""
+    if lora is None:
         return planner.trace.trace_step(req, timeout=timeout)
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
@@ -202,19 +190,7 @@ def _peft_builder(lora: dict):  # noqa: ANN202
                     r=lora["r"], lora_alpha=2 * lora["r"], lora_dropout=0.0, target_modules=list(lora["targets"])
                 ),
             )
-        dtype = torch.bfloat16 if req.precision == "pure-bf16" else None
-        new: dict = {}
-        for mod in model.modules():
-            for store, is_param in ((mod._parameters, True), (mod._buffers, False)):
-                for name, t in list(store.items()):
-                    if t is None:
-                        continue
-                    if id(t) not in new:
-                        fake = torch.empty_like(
-                            t, device=dev, dtype=dtype if t.is_floating_point() and dtype else t.dtype
-                        )
-                        new[id(t)] = torch.nn.Parameter(fake, requires_grad=t.requires_grad) if is_param else fake
-                    store[name] = new[id(t)]
+        planner.trace.fake_from_meta(model, dev, req.precision)
         model.train()
         return model
 
@@ -222,7 +198,7 @@ def _peft_builder(lora: dict):  # noqa: ANN202
 
 
 def _judge_worker() -> None:
-    """``python tests/test_activations_vs_trace.py --judge``: planner.trace's worker plus the fix."""
+    """``python tests/test_activations_vs_trace.py --judge``: planner.trace's worker with a peft model."""
     from dataclasses import asdict
 
     envelope = json.loads(sys.stdin.read())
@@ -231,11 +207,6 @@ def _judge_worker() -> None:
     note = planner.trace._enable_fake_cuda()  # before torch is imported
     if note:
         notes.append(note)
-    import torch
-
-    lib = torch.library.Library("aten", "IMPL")  # noqa: F841  (must stay alive)
-    lib.impl("silu_backward", lambda grad, x: torch.empty_like(grad), "CUDA")
-    notes.append("silu_backward dispatched to its meta kernel, as on a CUDA build")
     import transformers  # noqa: F401
 
     if envelope.get("lora"):
