@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -54,6 +54,16 @@ class GpuSpec(_Strict):
     pcie_gen: int = Field(ge=1)
     pcie_lanes: int = Field(ge=1)
     nvlink_gbps: float = Field(ge=0, description="total NVLink bandwidth per GPU, GB/s; 0 = none")
+    form_factor: Literal["pcie", "sxm"] = Field(
+        default="pcie",
+        description="sxm: NVLink runs through the baseboard and is always there; pcie: a card in a slot, "
+        "whose NVLink (if any) needs a bridge, which many rigs lack",
+    )
+    pcie_p2p: bool = Field(
+        default=True,
+        description="GPU-to-GPU copies go straight over PCIe; False on GeForce cards, whose stock drivers stage "
+        "peer traffic through host memory",
+    )
     source: str
 
     _name = field_validator("name")(_check_name)
