@@ -9,7 +9,7 @@ the meta device and compare name by name and shape by shape.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -54,14 +54,14 @@ class TensorSpec:
     kind: TensorKind
     part: Part = Part.WHOLE
     requires_grad: bool = True
+    numel: int = field(init=False, repr=False, compare=False)
+    """Number of elements (computed once: the search asks for it millions of times)."""
 
-    @property
-    def numel(self) -> int:
-        """Number of elements."""
+    def __post_init__(self) -> None:
         n = 1
         for d in self.shape:
             n *= d
-        return n
+        object.__setattr__(self, "numel", n)
 
     @property
     def module(self) -> str:

@@ -8,7 +8,7 @@ with LoRA's A/B matrices and peft's ``modules_to_save`` copies added.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -68,11 +68,11 @@ class Param:
     tensor: TensorSpec
     trainable: bool
     origin: str = Origin.BASE
+    numel: int = field(init=False, repr=False, compare=False)
+    """Number of elements (the tensor's)."""
 
-    @property
-    def numel(self) -> int:
-        """Number of elements."""
-        return self.tensor.numel
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "numel", self.tensor.numel)
 
 
 def _parse_selection(names: Iterable[str], model: ModelSpec, flag: str) -> set[tuple[str, Part | None]]:

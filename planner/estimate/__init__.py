@@ -27,6 +27,7 @@ def estimate(
     workload: Workload,
     zero: ZeroSettings | None = None,
     notes: Iterable[str] = (),
+    activations: bool = True,
 ) -> Estimate:
     """Estimate one training setup: per-GPU bytes for the most loaded rank, host bytes per node.
 
@@ -37,12 +38,17 @@ def estimate(
         workload: tokens per micro-step (activations arrive with the activation model).
         zero: DeepSpeed values; default: what HF Trainer resolves "auto" to for this model.
         notes: notes to carry into the result.
+        activations: False leaves out what the step itself holds (activations, temporaries): the
+            rest is a lower bound of the GPU peak, and the host figure is unchanged. The search
+            prunes with it before it runs the activation model.
     """
     params = trainable_inventory(model, options)
     zero = zero or ZeroSettings.hf_auto(model.hidden_size)
     items = model_state_items(params, options, cluster.world_size, zero, workload.grad_accum)
-    activations, missing = step_items(model, params, options, workload, items)
-    items += activations
+    missing: list[str] = []
+    if activations:
+        step, missing = step_items(model, params, options, workload, items)
+        items += step
     items += gathered_param_items(params, options, cluster.world_size, zero)
     items += ddp_bucket_items(params, options, cluster.world_size)
     zero3 = options.engine is Engine.DEEPSPEED and options.zero is ZeroStage.PARAMETERS

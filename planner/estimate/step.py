@@ -7,7 +7,9 @@ steps, docs/activations.md).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from planner.architectures import DECODER_TYPES
 from planner.estimate.activations import decoder_step_memory
@@ -55,15 +57,16 @@ def step_items(model: ModelSpec, params: Sequence[Param], options: TrainingOptio
             continue
         mine = [p for p in params if p.group == group.name]
         deepspeed = options.engine is Engine.DEEPSPEED
-        mem = decoder_step_memory(
+        mem = _memo(
+            decoder_step_memory,
             group.config,
+            params=tuple(mine),
             micro_batch=workload.micro_batch,
             seq_len=workload.seq_len,
             precision=options.precision.value,
             attn=options.attn.value,
             grad_ckpt=options.grad_ckpt,
             optimizer_impl=options.optimizer_impl,
-            params=mine,
             module_dtype_bytes=working_dtype(options).itemsize if deepspeed else None,
             autocast=False if deepspeed else None,
         )
@@ -136,18 +139,39 @@ def _encoder_memory(group, params: Sequence[Param], options: TrainingOptions, wo
             sizes = {(w // 14) * (h // 14) for w, h in layout.crops}
             # MiniCPM's fine-tuning runs the tower's attention eager and checkpoints its layers
             # with the LLM's (finetune.py); crops of different lengths are padded and masked.
-            return vision_tower_memory(group.config, crops=crops, patches=patches, attn="eager", trained=trained,
+            return _memo(vision_tower_memory, group.config, crops=crops, patches=patches, attn="eager", trained=trained,
                                        grad_ckpt=options.grad_ckpt, module_dtype_bytes=item, autocast=autocast,
                                        masked=len(sizes) > 1 or workload.micro_batch * workload.images > 1)
         vision_trained = any(p.trainable for p in params if p.group in vision_groups)
-        return resampler_memory(group.config, crops=crops, patches=patches, trained=trained, module_dtype_bytes=item,
+        return _memo(resampler_memory, group.config, crops=crops, patches=patches, trained=trained, module_dtype_bytes=item,
                                 autocast=autocast, input_requires_grad=vision_trained)
     if group.kind == "whisper_encoder":
         audio = workload.audio()
         if audio is None:
             return None
         positions = min(audio.encoder_positions, 1500)
-        return whisper_encoder_memory(group.config, pieces=workload.micro_batch * audio.pieces, positions=positions,
+        return _memo(whisper_encoder_memory, group.config, pieces=workload.micro_batch * audio.pieces, positions=positions,
                                       attn="eager", trained=trained, grad_ckpt=options.grad_ckpt,
                                       module_dtype_bytes=item, autocast=autocast, minicpm_o=True)
     return None
+
+
+_MEMO: dict[tuple, Any] = {}
+_MEMO_LIMIT = 4096
+
+
+def _memo(fn: Callable[..., Any], cfg: Mapping[str, Any], **kwargs: Any) -> Any:
+    """``fn(cfg, **kwargs)``, remembered: the simulators are pure and cost milliseconds, and the
+    search asks the same activation question for many ZeRO/offload settings. A ``params``
+    argument is keyed by what the simulators read of it (name, shape, trained)."""
+    key_args = []
+    for name, value in sorted(kwargs.items()):
+        if name == "params":
+            value = tuple((p.tensor.name, p.tensor.shape, p.trainable) for p in value)
+        key_args.append((name, value))
+    key = (fn.__name__, json.dumps(cfg, sort_keys=True, default=str), tuple(key_args))
+    if key not in _MEMO:
+        if len(_MEMO) >= _MEMO_LIMIT:
+            _MEMO.clear()
+        _MEMO[key] = fn(cfg, **kwargs)
+    return _MEMO[key]
