@@ -9,83 +9,23 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import ValidationError
 
 from planner.architectures import ProfileError
-from planner.units import parse_size
-
-DEFAULT_MODEL = "minicpm-o-2.6"
-DEFAULT_GPUS = "2x3090"
-# The reference report (shared/reference/minicpm-o.md): MiniCPM-o's own script never builds the
-# audio encoder, its projector or the TTS (init_audio=False, init_tts=False); the vision tower is
-# frozen (--tune_vision false); the LLM and the resampler are trained.
-REFERENCE_GROUPS = {"without": ("apm", "audio_projection_layer", "tts"), "freeze": ("vpm",)}
-
-
-class UserError(click.ClickException):
-    """A mistake in what the user asked for: one line, exit code 2."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"memplan: error: {self.format_message()}", err=True)
-
-
-def user_errors(fn: Callable) -> Callable:
-    """Turn the library's input errors into UserError, so no traceback reaches the user."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ProfileError as exc:
-            raise UserError(str(exc)) from None
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            raise UserError(f"{loc}: {msg}" if loc else msg) from None
-
-    return wrapper
-
-
-def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    parts = value.lower().replace(" ", "").split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT in pixels, e.g. 1344x1344")
-    return int(parts[0]), int(parts[1])
-
-
-def _names(ctx: click.Context, param: click.Parameter, value: tuple[str, ...] | str | None) -> tuple[str, ...] | None:
-    """Comma-separated and/or repeated names -> a tuple; None when not given."""
-    if value is None or value == ():
-        return None
-    values = (value,) if isinstance(value, str) else value
-    return tuple(n.strip() for v in values for n in v.split(",") if n.strip())
-
-
-profiles_dir_option = click.option(
-    "--profiles-dir",
-    "profiles_dirs",
-    multiple=True,
-    type=click.Path(file_okay=True, dir_okay=True, path_type=Path),
-    help="Extra folder (or file) of GPU/model profiles; repeatable. Also $MEMPLAN_PROFILES.",
+from planner.cli_common import (
+    DEFAULT_MODEL,
+    REFERENCE_GROUPS,
+    UserError,
+    load_model,
+    make_cluster_noted,
+    parse_image_size,
+    parse_names,
+    parse_size_arg,
+    profiles_dir_option,
+    user_errors,
 )
 
 
@@ -138,7 +78,7 @@ Examples:
     default=None,
     help="GPUS like 2x3090, 8xa100-80g, 2x8xh100 (nodes x GPUs per node), or auto. [default: auto, else 2x3090]",
 )
-@click.option("--host-ram", callback=_size, help="Host RAM per node, e.g. 128GiB. [default: this machine's]")
+@click.option("--host-ram", callback=parse_size_arg, help="Host RAM per node, e.g. 128GiB. [default: this machine's]")
 @click.option("--engine", type=click.Choice(["torch", "deepspeed"]), default="deepspeed", show_default=True)
 @click.option(
     "--zero", type=click.Choice(["0", "1", "2", "3"]), default="3", show_default=True, help="DeepSpeed ZeRO stage."
@@ -161,23 +101,23 @@ Examples:
 @click.option(
     "--train",
     multiple=True,
-    callback=_names,
+    callback=parse_names,
     help="Train only these groups/parts (e.g. llm,resampler); the rest is frozen.",
 )
 @click.option(
-    "--freeze", multiple=True, callback=_names, help="Freeze these groups/parts (e.g. vpm or llm.embed_tokens)."
+    "--freeze", multiple=True, callback=parse_names, help="Freeze these groups/parts (e.g. vpm or llm.embed_tokens)."
 )
 @click.option(
-    "--without", multiple=True, callback=_names, help="Groups the training script never builds (e.g. apm,tts)."
+    "--without", multiple=True, callback=parse_names, help="Groups the training script never builds (e.g. apm,tts)."
 )
 @click.option("--lora-rank", type=click.IntRange(min=1), default=None, help="Train LoRA adapters of this rank (peft).")
 @click.option(
     "--lora-targets",
     multiple=True,
-    callback=_names,
+    callback=parse_names,
     help="Linear names to adapt [default: q_proj,k_proj,v_proj,o_proj]; all-linear for all.",
 )
-@click.option("--lora-groups", multiple=True, callback=_names, help="Groups that get adapters [default: the LLM].")
+@click.option("--lora-groups", multiple=True, callback=parse_names, help="Groups that get adapters [default: the LLM].")
 @click.option(
     "--micro-batch", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per GPU per micro-step."
 )
@@ -192,7 +132,7 @@ Examples:
               help="The LLM's attention implementation.")
 @click.option("--images", type=click.IntRange(min=0), default=None,
               help="Images per sample. [default: 1 for models with a vision tower, else 0]")
-@click.option("--image-size", callback=_image_size, help="WxH in pixels. [default: 1344x1344]")
+@click.option("--image-size", callback=parse_image_size, help="WxH in pixels. [default: 1344x1344]")
 @click.option("--max-slice-nums", type=click.IntRange(min=1), default=None,
               help="MiniCPM's slice cap per image. [default: 9; 1 for the reference setup]")
 @click.option("--audio-seconds", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -248,7 +188,7 @@ def estimate(
             " one image per sample cut into at most 1 slice"
         )
     spec = load_model(model or DEFAULT_MODEL, catalog)
-    cluster = _cluster(gpus, catalog, host_ram, notes)
+    cluster = make_cluster_noted(gpus, catalog, host_ram, notes)
     if engine == "torch":  # the DeepSpeed defaults do not apply; explicit values are still checked
         ctx = click.get_current_context()
         default = click.core.ParameterSource.DEFAULT
@@ -326,36 +266,6 @@ def _describe(options: Any) -> str:
     if options.offload_param.value != "none":
         off.append(f"params->{options.offload_param.value}")
     return f"ZeRO-{int(options.zero)}" + (f" ({', '.join(off)})" if off else "") + f", {options.precision.value}"
-
-
-def _cluster(gpus: str | None, catalog: Any, host_ram: int | None, notes: list[str]) -> Any:
-    from planner.hardware import make_cluster
-
-    if gpus is not None:
-        cluster = make_cluster(gpus, catalog, host_ram)
-    else:
-        try:
-            cluster = make_cluster("auto", catalog, host_ram)
-        except ProfileError:
-            cluster = make_cluster(DEFAULT_GPUS, catalog, host_ram)
-            notes.insert(0, f"no NVIDIA GPU detected: planning for {DEFAULT_GPUS} (--gpus to choose)")
-    if cluster.note:
-        notes.append(cluster.note)
-    return cluster
-
-
-def load_model(name: str, catalog: Any) -> Any:
-    """A ModelSpec from a profile name or hub id, or from a local config.json / folder."""
-    from planner.hf_config import find_config, model_from_config
-    from planner.profile import build_model
-
-    if catalog.has_model(name):
-        return build_model(catalog.model(name))
-    if find_config(name) is not None:
-        return model_from_config(name)
-    if Path(name).expanduser().exists():
-        raise ProfileError(f"--model {name}: no config.json there")
-    return build_model(catalog.model(name))  # raises with close matches
 
 
 @main.group(invoke_without_command=True)
@@ -437,7 +347,8 @@ Examples:
               default="adamw-fused", show_default=True)
 @click.option("--grad-ckpt/--no-grad-ckpt", default=False, show_default=True)
 @click.option("--attn", type=click.Choice(["eager", "sdpa"]), default="sdpa", show_default=True)
-@click.option("--freeze", multiple=True, callback=_names, help="Freeze these parts of the LLM (e.g. llm.embed_tokens).")
+@click.option("--freeze", multiple=True, callback=parse_names,
+              help="Freeze these parts of the LLM (e.g. llm.embed_tokens).")
 @click.option("--micro-batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=1800, show_default=True,

@@ -1,0 +1,116 @@
+"""What the commands share: user errors as one line, option parsers, the model and cluster they
+plan for, and the reference request. The edge of the flow, with `cli`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from planner.architectures import ProfileError
+from planner.units import parse_size
+
+DEFAULT_MODEL = "minicpm-o-2.6"
+DEFAULT_GPUS = "2x3090"
+# The reference report (shared/reference/minicpm-o.md): MiniCPM-o's own script never builds the
+# audio encoder, its projector or the TTS (init_audio=False, init_tts=False); the vision tower is
+# frozen (--tune_vision false); the LLM and the resampler are trained.
+REFERENCE_GROUPS = {"without": ("apm", "audio_projection_layer", "tts"), "freeze": ("vpm",)}
+
+
+class UserError(click.ClickException):
+    """A mistake in what the user asked for: one line, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"memplan: error: {self.format_message()}", err=True)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn the library's input errors into UserError, so no traceback reaches the user."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ProfileError as exc:
+            raise UserError(str(exc)) from None
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            raise UserError(f"{loc}: {msg}" if loc else msg) from None
+
+    return wrapper
+
+
+def parse_size_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def parse_image_size(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    parts = value.lower().replace(" ", "").split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT in pixels, e.g. 1344x1344")
+    return int(parts[0]), int(parts[1])
+
+
+def parse_names(ctx: click.Context, param: click.Parameter,
+                value: tuple[str, ...] | str | None) -> tuple[str, ...] | None:
+    """Comma-separated and/or repeated names -> a tuple; None when not given."""
+    if value is None or value == ():
+        return None
+    values = (value,) if isinstance(value, str) else value
+    return tuple(n.strip() for v in values for n in v.split(",") if n.strip())
+
+
+profiles_dir_option = click.option(
+    "--profiles-dir",
+    "profiles_dirs",
+    multiple=True,
+    type=click.Path(file_okay=True, dir_okay=True, path_type=Path),
+    help="Extra folder (or file) of GPU/model profiles; repeatable. Also $MEMPLAN_PROFILES.",
+)
+
+
+def make_cluster_noted(gpus: str | None, catalog: Any, host_ram: int | None, notes: list[str]) -> Any:
+    from planner.hardware import make_cluster
+
+    if gpus is not None:
+        cluster = make_cluster(gpus, catalog, host_ram)
+    else:
+        try:
+            cluster = make_cluster("auto", catalog, host_ram)
+        except ProfileError:
+            cluster = make_cluster(DEFAULT_GPUS, catalog, host_ram)
+            notes.insert(0, f"no NVIDIA GPU detected: planning for {DEFAULT_GPUS} (--gpus to choose)")
+    if cluster.note:
+        notes.append(cluster.note)
+    return cluster
+
+
+def load_model(name: str, catalog: Any) -> Any:
+    """A ModelSpec from a profile name or hub id, or from a local config.json / folder."""
+    from planner.hf_config import find_config, model_from_config
+    from planner.profile import build_model
+
+    if catalog.has_model(name):
+        return build_model(catalog.model(name))
+    if find_config(name) is not None:
+        return model_from_config(name)
+    if Path(name).expanduser().exists():
+        raise ProfileError(f"--model {name}: no config.json there")
+    return build_model(catalog.model(name))  # raises with close matches
