@@ -75,7 +75,7 @@ class Param:
         object.__setattr__(self, "numel", self.tensor.numel)
 
 
-def _parse_selection(names: Iterable[str], model: ModelSpec, flag: str) -> set[tuple[str, Part | None]]:
+def parse_selection(names: Iterable[str], model: ModelSpec, flag: str) -> set[tuple[str, Part | None]]:
     """``llm`` -> (llm, None) meaning the whole group; ``llm.embed_tokens`` -> (llm, EMBED_TOKENS)."""
     out: set[tuple[str, Part | None]] = set()
     known = {g.name: g for g in model.groups}
@@ -131,9 +131,9 @@ def trainable_inventory(model: ModelSpec, options: TrainingOptions) -> list[Para
         ProfileError: a selection names a group or part the model does not have, or LoRA finds
             no linear to adapt.
     """
-    without = {g for g, _ in _parse_selection(options.without, model, "--without")}
-    train = _parse_selection(options.train, model, "--train") if options.train is not None else None
-    freeze = _parse_selection(options.freeze, model, "--freeze")
+    without = {g for g, _ in parse_selection(options.without, model, "--without")}
+    train = parse_selection(options.train, model, "--train") if options.train is not None else None
+    freeze = parse_selection(options.freeze, model, "--freeze")
     lora = options.lora
     lora_groups: set[str] = set()
     if lora is not None:

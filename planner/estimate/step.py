@@ -16,7 +16,7 @@ from planner.estimate.activations import decoder_step_memory
 from planner.estimate.encoders import EncoderMemory, resampler_memory, vision_tower_memory, whisper_encoder_memory
 from planner.estimate.result import FROM_BACKWARD, Category, Item, Phase, Place
 from planner.estimate.states import working_dtype
-from planner.options import Engine, Precision, TrainingOptions
+from planner.options import Engine, OptimizerImpl, Precision, TrainingOptions
 from planner.profile import ModelSpec
 from planner.workload import Param, Workload
 
@@ -66,7 +66,9 @@ def step_items(model: ModelSpec, params: Sequence[Param], options: TrainingOptio
             precision=options.precision.value,
             attn=options.attn.value,
             grad_ckpt=options.grad_ckpt,
-            optimizer_impl=options.optimizer_impl,
+            # Under DeepSpeed the optimizer's own temporaries are the engine's (states.py), so the
+            # simulator's optimizer phase is not used: one key for every DeepSpeed optimizer.
+            optimizer_impl=OptimizerImpl.DS_FUSED_ADAM if deepspeed else options.optimizer_impl,
             module_dtype_bytes=working_dtype(options).itemsize if deepspeed else None,
             autocast=False if deepspeed else None,
         )
@@ -143,16 +145,16 @@ def _encoder_memory(group, params: Sequence[Param], options: TrainingOptions, wo
                                        grad_ckpt=options.grad_ckpt, module_dtype_bytes=item, autocast=autocast,
                                        masked=len(sizes) > 1 or workload.micro_batch * workload.images > 1)
         vision_trained = any(p.trainable for p in params if p.group in vision_groups)
-        return _memo(resampler_memory, group.config, crops=crops, patches=patches, trained=trained, module_dtype_bytes=item,
-                                autocast=autocast, input_requires_grad=vision_trained)
+        return _memo(resampler_memory, group.config, crops=crops, patches=patches, trained=trained,
+                     module_dtype_bytes=item, autocast=autocast, input_requires_grad=vision_trained)
     if group.kind == "whisper_encoder":
         audio = workload.audio()
         if audio is None:
             return None
         positions = min(audio.encoder_positions, 1500)
-        return _memo(whisper_encoder_memory, group.config, pieces=workload.micro_batch * audio.pieces, positions=positions,
-                                      attn="eager", trained=trained, grad_ckpt=options.grad_ckpt,
-                                      module_dtype_bytes=item, autocast=autocast, minicpm_o=True)
+        return _memo(whisper_encoder_memory, group.config, pieces=workload.micro_batch * audio.pieces,
+                     positions=positions, attn="eager", trained=trained, grad_ckpt=options.grad_ckpt,
+                     module_dtype_bytes=item, autocast=autocast, minicpm_o=True)
     return None
 
 
