@@ -189,6 +189,7 @@ def measure(
     threads_per_rank: int = 1,
     allow_fp16_on_cpu: bool = False,
     client_optimizer: str | None = None,
+    grad_ckpt: bool = False,
 ) -> list[dict]:
     """Runs a real DeepSpeed engine on ``world_size`` CPU ranks and takes a tensor census.
 
@@ -236,6 +237,13 @@ def measure(
             ``deepspeed.initialize(optimizer=...)``, the path HF Trainer takes when the
             config has no ``optimizer`` section (``transformers/integrations/deepspeed.py:L587-L589``,
             which also sets ``zero_allow_untested_optimizer``; do that in ``ds_config``).
+        grad_ckpt: ``model.gradient_checkpointing_enable({"use_reentrant": False})`` before
+            ``deepspeed.initialize``, as HF Trainer's ``gradient_checkpointing`` does.
+
+    With ``"comms_logger": {"enabled": true, "prof_all": true}`` in ``ds_config`` each rank also
+    reports ``comms``: DeepSpeed's comms logger over the last optimizer step only,
+    ``{op name: {message bytes: calls}}`` (the message is the op's input tensor: the local
+    partition for all-gather, the full buffer for reduce-scatter and all-reduce).
 
     Returns:
         One dict per rank, ordered by rank, with keys:
@@ -289,6 +297,7 @@ def measure(
             "threads_per_rank": int(threads_per_rank),
             "allow_fp16_on_cpu": bool(allow_fp16_on_cpu),
             "client_optimizer": client_optimizer,
+            "grad_ckpt": bool(grad_ckpt),
         }
         spec_path = tmpdir / "spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -1050,6 +1059,8 @@ def _worker(spec_path: str, out_dir: str) -> None:
         if name in frozen_names:
             param.requires_grad_(False)
 
+    if spec.get("grad_ckpt"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in model.parameters() if p.requires_grad]
     model_parameters: Any = trainable if spec["param_groups"] == "single" else _decay_split(model, trainable)
 
@@ -1081,6 +1092,8 @@ def _worker(spec_path: str, out_dir: str) -> None:
     t3 = time.monotonic()
     for step in range(spec["steps"]):
         last = step == spec["steps"] - 1
+        if last:
+            deepspeed.comm.reset_log()  # the comms logger (if enabled) records the last step only
         for m in range(gas):
             ids = torch.randint(0, vocab, (micro, spec["seq_len"]), generator=gen)
             out = engine(input_ids=ids, labels=ids)
@@ -1120,6 +1133,8 @@ def _worker(spec_path: str, out_dir: str) -> None:
         "total": final["total"],
         "phases": phases,
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        "comms": {name: {str(size): rec[0] for size, rec in sizes.items()}
+                  for name, sizes in deepspeed.comm.comms_logger.comms_dict.items()},
     }
     tmp_path = Path(out_dir) / f"rank{rank}.json.tmp"
     tmp_path.write_text(json.dumps(result, indent=1))
