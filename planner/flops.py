@@ -294,7 +294,7 @@ def _resolve(all_units: list[Unit], llm_input_grad: bool = False) -> None:
             feeds[chain] = upstream
 
 
-def _recomputed(layer_units: list[Unit]) -> list[Unit]:
+def recomputed(layer_units: list[Unit]) -> list[Unit]:
     """What recomputation runs again of one checkpointed layer: all of its forward but the last
     product (the MLP's down_proj / fc2, and LoRA's B on it), whose output nothing in the layer
     saves, so non-reentrant checkpointing stops before it (``torch.utils.checkpoint`` early stop,
@@ -326,5 +326,5 @@ def sample_flops(model: ModelSpec, params: Sequence[Param], workload: Workload, 
     if grad_ckpt:
         for layer_units in layers.values():
             if any(u.backward for u in layer_units):  # no backward through a layer, no recomputation
-                rec += sum(u.flops for u in _recomputed(layer_units))
+                rec += sum(u.flops for u in recomputed(layer_units))
     return SampleFlops(fwd, bwd, rec, dict(by_group), skipped)

@@ -12,9 +12,9 @@ formula and records the checks against real components.
 * ``recompute``: the extra forward of checkpointed layers under ``grad_ckpt``, same rate.
 * ``zero_comm``: bytes each rank sends over the ring's slowest link (ring all-reduce
   ``2(n-1)/n B``, all-gather and reduce-scatter ``(n-1)/n B``; Rajbhandari et al. 2020 sec. 7)
-  for what DeepSpeed 0.19.8 / DDP run per optimizer step (``collectives``).
+  for what DeepSpeed 0.19.8 / DDP run per optimizer step (``planner.traffic.collectives``).
 * ``offload``: host <-> GPU copies over PCIe and NVMe reads/writes that the offloads add
-  (``host_traffic``).
+  (``planner.traffic.host_traffic``).
 * ``cpu_optimizer``: DeepSpeedCPUAdam over the rank's partition on its share of the host's
   cores and memory bandwidth (measured by ``benchmarks/cpu_adam.py``).
 """
@@ -25,13 +25,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from planner.estimate.states import ZERO12_ALIGNMENT, ZeroSettings, working_dtype
-from planner.flops import _recomputed, sample_flops
-from planner.flops import units as flop_units
+from planner.estimate.states import ZeroSettings
+from planner.flops import sample_flops
 from planner.hardware import Cluster
 from planner.options import Engine, Offload, Precision, TrainingOptions, ZeroStage
 from planner.profile import GpuSpec, ModelSpec
-from planner.units import ceil_div, round_up
+from planner.traffic import collectives, host_traffic
+from planner.units import ceil_div
 from planner.workload import Param, Workload
 
 TERMS = ("compute", "recompute", "zero_comm", "offload", "cpu_optimizer")
@@ -54,12 +54,13 @@ PAGEABLE_FACTOR = 0.5
 """Pageable host memory: the CUDA driver stages every copy through a pinned bounce buffer, about
 half the pinned rate (NVIDIA, "How to Optimize Data Transfers in CUDA C/C++")."""
 NO_P2P_FACTOR = 0.5
-"""GeForce cards have no PCIe peer-to-peer on stock drivers: NCCL's SHM transport copies each
-chunk into host memory and out again, so a peer link carries about half the PCIe rate (an
-assumption; NCCL ``P2P_DISABLE`` runs on GeForce rigs report a third to a half)."""
+"""GeForce cards have no PCIe peer-to-peer on stock drivers: NCCL then moves GPU-to-GPU traffic
+through host memory (the SHM transport: the sender copies to host memory, the receiver from it),
+so a peer link is taken to carry half the PCIe rate. An assumption, not measured here."""
 NVLINK_EFFICIENCY = 0.80
-"""NCCL bus bandwidth / NVLink rate per direction: nccl-tests ``all_reduce_perf`` reaches about
-230 GB/s on DGX A100 (300 GB/s per direction) (nccl-tests doc/PERFORMANCE.md)."""
+"""NCCL bus bandwidth (as nccl-tests doc/PERFORMANCE.md defines it) / NVLink rate per direction:
+``all_reduce_perf`` on a DGX A100 is commonly reported at about 230 GB/s of the 300 GB/s per
+direction."""
 INTER_NODE_GBIT_PER_S = 100.0
 """Node-to-node link, Gbit/s: one 100 GbE / RoCE NIC per node, common for small clusters
 (InfiniBand HDR is 200); a ring across nodes crosses it once per node."""
@@ -70,10 +71,11 @@ NVME_WRITE_BYTES_PER_S = 3.5e9
 """One PCIe 4.0 x4 NVMe SSD per node, about 70 % of its spec-sheet sequential 7.0 / 5.0 GB/s
 (e.g. Samsung 980 PRO) through DeepSpeed's async I/O; all ranks of a node share it (assumption)."""
 CPU_ADAM_ELEMENTS_PER_S_PER_CORE = 0.9e9
-"""DeepSpeedCPUAdam (AdamW, fp32) elements per second on one core, compute-bound: measured by
-``benchmarks/cpu_adam.py`` on this machine (Xeon, AVX-512, 2 vCPUs): 0.87-0.98 e9 with a 10 M
-partition that fits in cache, one and two threads (docs/speed.md). AVX2-only desktop CPUs run
-about half as many lanes per instruction."""
+"""DeepSpeedCPUAdam (AdamW, fp32 states) elements per second on one core: measured with
+``benchmarks/cpu_adam.py`` on this machine (Xeon with AVX-512, 2 vCPUs): one thread 0.92-1.04 e9
+on 10 M and 50 M elements, two threads 1.77 e9 on 50 M (0.89 e9 each) when the machine was
+otherwise idle (docs/speed.md). The same rate in and out of cache: compute-bound. AVX2-only
+desktop CPUs have half the vector width."""
 ADAM_STEP_BYTES_PER_ELEMENT = 28
 """Memory traffic of one fp32 Adam update per element: read parameter, gradient and both states,
 write parameter and both states (7 x 4 bytes)."""
@@ -83,23 +85,20 @@ CPU_ADAM_BYTES_PER_ELEMENT = ADAM_STEP_BYTES_PER_ELEMENT + CAST_BYTES_PER_ELEMEN
 """Host memory traffic per element of an offloaded step (DeepSpeedCPUAdam, then the cast of the
 new fp32 partition to 16 bit for the GPU)."""
 HOST_MEMORY_BYTES_PER_S = 40e9
-"""Achieved host memory bandwidth a node's CPU optimizer shares: about 75 % of dual-channel
-DDR4-3200 (51.2 GB/s), a desktop board with two GPUs (STREAM-like rates). The 2-vCPU machine
-that measured CPU Adam streams about 25 GB/s: a 50 M partition runs no faster on two threads."""
+"""Achieved host memory bandwidth that a node's CPU optimizers share: about 75 % of dual-channel
+DDR4-3200 (51.2 GB/s), a desktop board with two GPUs (STREAM-like rates; an assumption). One
+core of the measuring machine already streams 26-29 GB/s of Adam traffic, so on such a desktop
+CPU Adam is bound by memory, not by cores; servers have 4-12 channels."""
 DEFAULT_HOST_CORES = 8
 """Cores per node that run the CPU optimizer, all ranks together: a desktop 8-core CPU (Ryzen 7
 / Core i7) as in a two-GPU rig. Launched with ``torchrun`` and no ``OMP_NUM_THREADS``, every rank
 runs CPU Adam on one thread (torch/distributed/run.py sets ``OMP_NUM_THREADS=1`` for more than
-one process per node); pass ``host_cores=gpus_per_node`` to model that."""
+one process per node); pass ``host_cores=gpus_per_node`` to model that. With
+``HOST_MEMORY_BYTES_PER_S`` the memory, not the cores, limits CPU Adam on such a desktop, so the
+count matters only below one core per rank or on servers."""
 GPU_MEMORY_EFFICIENCY = 0.80
 """Achieved / peak memory bandwidth of a streaming kernel such as the GPU optimizer step
 (``gpu_optimizer_bytes``; BabelStream-class triad rates)."""
-DS_MAX_REUSE_DISTANCE = 1_000_000_000
-"""``stage3_max_reuse_distance`` (elements), DeepSpeed 0.19.8's default, which HF does not fill:
-a ZeRO-3 parameter used again within this many gathered elements stays gathered
-(partitioned_param_coordinator.py ``__params_to_release``)."""
-
-
 @dataclass(frozen=True)
 class StepTime:
     """Seconds per optimizer step, by term, and the work it does.
@@ -126,38 +125,6 @@ class StepTime:
         """LLM tokens per second, whole cluster."""
         total = self.total_s
         return self.tokens_per_step / total if total and math.isfinite(total) else 0.0
-
-
-@dataclass(frozen=True)
-class Collective:
-    """One kind of collective per optimizer step on one rank.
-
-    Attributes:
-        op: ``all_reduce``, ``all_gather`` or ``reduce_scatter``.
-        what: what it moves.
-        nbytes: full buffer bytes per step (the gathered / reduced size), all calls together.
-    """
-
-    op: str
-    what: str
-    nbytes: float
-
-    def sent_bytes(self, ranks: int) -> float:
-        """Bytes one rank sends in a ring: all-reduce 2(n-1)/n, the others (n-1)/n of the buffer."""
-        if ranks <= 1:
-            return 0.0
-        factor = 2 if self.op == "all_reduce" else 1
-        return factor * (ranks - 1) / ranks * self.nbytes
-
-
-@dataclass(frozen=True)
-class HostTraffic:
-    """Offload traffic of one rank per optimizer step, bytes."""
-
-    to_gpu: float = 0.0
-    to_host: float = 0.0
-    nvme_read: float = 0.0
-    nvme_write: float = 0.0
 
 
 def peak_flops(gpu: GpuSpec, precision: Precision) -> float:
@@ -195,164 +162,6 @@ def peer_link(cluster: Cluster, nvlink: bool | None = None) -> tuple[float, str]
         if net < bw:
             bw, name = net, f"{INTER_NODE_GBIT_PER_S:g} Gbit/s between nodes"
     return bw, name
-
-
-def _comm_bytes(options: TrainingOptions) -> int:
-    """Bytes per gradient element on the wire: DeepSpeed communicates in the module's dtype
-    (engine.py ``communication_data_type``); DDP reduces ``.grad``, fp32 under torch AMP."""
-    return working_dtype(options).itemsize
-
-
-def _aligned(numel: int, ranks: int) -> int:
-    """ZeRO-3 pads every parameter to a multiple of the ranks (``ds_numel_aligned``)."""
-    return ceil_div(numel, ranks) * ranks
-
-
-def zero3_gathered(model: ModelSpec, params: Sequence[Param], workload: Workload, zero: ZeroSettings,
-                   grad_ckpt: bool, world_size: int = 1,
-                   max_reuse_distance: int = DS_MAX_REUSE_DISTANCE) -> tuple[float, float]:
-    """Elements ZeRO-3 all-gathers in one micro-step's forward and in its backward
-    (recomputation included), padding included.
-
-    The trace DeepSpeed records is every module with parameters in forward order, then, for each
-    module the backward passes through, in reverse order (under checkpointing a layer's
-    recomputed forward first, without the last product that early stop skips). A module's
-    parameters are gathered at a use unless they stayed gathered since the previous one: they
-    are released after a use unless their next use comes within ``max_reuse_distance`` elements
-    of other modules' parameters. Parameters of at most ``param_persistence_threshold`` elements
-    stay gathered and are not counted. Not modeled: the prefetcher keeps parameters whose next
-    use its look-ahead (``prefetch_bucket_size``) skipped over, which on a model smaller than
-    that look-ahead saves most backward gathers (docs/speed.md).
-    """
-    all_units, _ = flop_units(model, params, workload, grad_ckpt)
-    seq: list[tuple[int, bool]] = [(i, True) for i in range(len(all_units))]
-    by_layer: dict[tuple[str, int | None], list[int]] = {}
-    for i, u in enumerate(all_units):
-        by_layer.setdefault((u.group, u.layer), []).append(i)
-    done: set[tuple[str, int | None]] = set()
-    for i in reversed(range(len(all_units))):
-        u = all_units[i]
-        key = (u.group, u.layer)
-        if grad_ckpt and u.layer is not None and key not in done:
-            done.add(key)
-            layer = [all_units[j] for j in by_layer[key]]
-            if any(v.backward for v in layer):
-                rerun = {id(v) for v in _recomputed(layer)}
-                seq += [(j, False) for j in by_layer[key] if id(all_units[j]) in rerun]
-        if u.backward:
-            seq.append((i, False))
-    sizes = [sum(n for _, n in all_units[i].tensors) for i, _ in seq]
-    prefix = [0]
-    for s in sizes:
-        prefix.append(prefix[-1] + s)
-    last: dict[str, int] = {}
-    fwd = bwd = 0.0
-    for k, (i, forward) in enumerate(seq):
-        for name, numel in all_units[i].tensors:
-            if numel <= zero.param_persistence_threshold:
-                continue
-            j = last.get(name)
-            if j is None or prefix[k] - prefix[j + 1] >= max_reuse_distance:
-                if forward:
-                    fwd += _aligned(numel, world_size)
-                else:
-                    bwd += _aligned(numel, world_size)
-            last[name] = k
-    return fwd, bwd
-
-
-def collectives(model: ModelSpec, params: Sequence[Param], options: TrainingOptions, workload: Workload,
-                zero: ZeroSettings, world_size: int,
-                max_reuse_distance: int = DS_MAX_REUSE_DISTANCE) -> list[Collective]:
-    """The collectives one rank takes part in per optimizer step.
-
-    * DDP (HF Trainer without DeepSpeed): one all-reduce of every trained gradient per optimizer
-      step (``no_sync`` during accumulation).
-    * DeepSpeed ZeRO-0/1: the same all-reduce at the accumulation boundary; ZeRO-1 then
-      all-gathers the updated 16-bit parameters.
-    * ZeRO-2: the gradient buckets are all-reduced in every micro-step's backward
-      (stage_1_and_2.py ``average_tensor``: ``use_multi_rank_bucket_allreduce`` defaults to
-      True), then the updated parameters all-gathered once.
-    * ZeRO-3: every micro-step all-gathers the 16-bit parameters of each module as it runs
-      (``zero3_gathered``) and reduce-scatters the trained gradients; after the optimizer step
-      it all-gathers the persistent parameters.
-    """
-    if world_size <= 1:
-        return []
-    trained = sum(p.numel for p in params if p.trainable)
-    b, c = working_dtype(options).itemsize, _comm_bytes(options)
-    gas = workload.grad_accum
-    if options.engine is Engine.TORCH or options.zero is ZeroStage.DISABLED:
-        return [Collective("all_reduce", "gradients, once per step", trained * c)]
-    flat = round_up(trained, ZERO12_ALIGNMENT * world_size)  # the padded flat 16-bit group
-    if options.zero is ZeroStage.OPTIMIZER_STATES:
-        return [Collective("all_reduce", "gradients at the boundary", trained * c),
-                Collective("all_gather", "updated parameters", flat * b)]
-    if options.zero is ZeroStage.GRADIENTS:
-        return [Collective("all_reduce", "gradient buckets, every micro-step", gas * trained * c),
-                Collective("all_gather", "updated parameters", flat * b)]
-    fwd, bwd = zero3_gathered(model, params, workload, zero, options.grad_ckpt, world_size, max_reuse_distance)
-    persistent = sum(_aligned(p.numel, world_size) for p in params if p.numel <= zero.param_persistence_threshold)
-    return [Collective("all_gather", "parameters in forward, every micro-step", gas * fwd * b),
-            Collective("all_gather", "parameters in backward, every micro-step", gas * bwd * b),
-            Collective("reduce_scatter", "gradients, every micro-step",
-                       gas * sum(_aligned(p.numel, world_size) for p in params if p.trainable) * c),
-            Collective("all_gather", "persistent parameters after the step", persistent * b)]
-
-
-def host_traffic(model: ModelSpec, params: Sequence[Param], options: TrainingOptions, workload: Workload,
-                 zero: ZeroSettings, world_size: int) -> HostTraffic:
-    """What the offloads move per optimizer step on one rank (``P`` = the rank's partition of
-    the trained elements, ``b`` = 2 bytes for a 16-bit module; DeepSpeed 0.19.8 sources):
-
-    * optimizer offload, ZeRO-1/2: the fp32 gradient partition goes down at the boundary
-      (``P*4``; stage_1_and_2.py ``async_inplace_copy_grad_to_fp32_buffer_from_gpu`` casts on
-      the GPU); ZeRO-2 with accumulation also parks the 16-bit gradients on the host between
-      micro-steps (``async_accumulate_grad_in_cpu_via_gpu``: down every micro-step, up every
-      micro-step after the first); the updated 16-bit partition comes up once (``P*b``).
-    * optimizer offload, ZeRO-3: every micro-step the reduced 16-bit gradient partition goes
-      down into the host buffer and comes back up to be added to or moved to the GPU
-      (stage3.py ``partition_grads``), the fp32 partition goes down at the boundary
-      (``_offload_grad_partition_at_boundary``), the updated 16-bit partition comes up unless
-      the parameters are offloaded too.
-    * parameter offload (ZeRO-3): every gather first copies the rank's partition up
-      (partition_parameters.py ``ds_tensor.to(device)``); without optimizer offload the updated
-      partition goes down after the step.
-    * NVMe: the optimizer reads and writes its fp32 master, both states and the fp32 gradient
-      (16 bytes per element each way); offloaded parameters are read at every gather and the
-      updated ones written after the step.
-    """
-    if options.engine is not Engine.DEEPSPEED:
-        return HostTraffic()
-    n = max(world_size, 1)
-    part = ceil_div(sum(p.numel for p in params if p.trainable), n)
-    b, gas = working_dtype(options).itemsize, workload.grad_accum
-    f32 = 4
-    up = down = read = write = 0.0
-    off_opt, off_par = options.offload_optimizer, options.offload_param
-    if off_opt is not Offload.NONE:
-        down += part * f32
-        if options.zero is ZeroStage.PARAMETERS:
-            down += gas * part * b
-            up += gas * part * b + (0 if off_par is not Offload.NONE else part * b)
-        else:
-            up += part * b
-            if options.zero is ZeroStage.GRADIENTS and gas > 1:
-                down += gas * part * b
-                up += (gas - 1) * part * b
-        if off_opt is Offload.NVME:
-            read += 4 * part * f32
-            write += 4 * part * f32
-    if off_par is not Offload.NONE:
-        fwd, bwd = zero3_gathered(model, params, workload, zero, options.grad_ckpt, n)
-        fetched = gas * (fwd + bwd) / n * b
-        up += fetched
-        if off_opt is Offload.NONE:
-            down += part * b
-        if off_par is Offload.NVME:
-            read += fetched
-            write += part * b
-    return HostTraffic(up, down, read, write)
 
 
 def gpu_optimizer_bytes(options: TrainingOptions) -> int:
@@ -425,7 +234,8 @@ def step_time(model: ModelSpec, params: Sequence[Param], cluster: Cluster, optio
              "cpu_optimizer": cpu}
     gb = 1e9
     notes = {
-        "compute": (f"{work / 1e12:.1f} TFLOP forward+backward per rank ({samples} samples) at "
+        "compute": (f"{work / 1e12:.1f} TFLOP forward+backward per rank ({samples} sample"
+                    f"{'s' if samples > 1 else ''}) at "
                     f"{MODEL_FLOPS_UTILIZATION:.0%} of {peak_flops(cluster.gpu, options.precision) / 1e12:g} "
                     f"TFLOP/s {options.precision.value}"
                     + (f", plus the GPU optimizer over {opt_elems / 1e9:.2f} G elements" if gpu_opt else "")),

@@ -1,11 +1,11 @@
-"""The speed model (planner.flops, planner.speed) against real components.
+"""The speed model (planner.flops, planner.traffic, planner.speed) against real components.
 
 * FLOPs: real transformers models (Qwen2.5-0.5B from its profile, tiny Qwen2s with a frozen part
   and with peft LoRA, SigLIP / resampler / Whisper encoders) are built on the meta device, turned
   into fake tensors and run forward + backward under ``torch.utils.flop_counter.FlopCounterMode``;
   the model's FLOPs must match (they do exactly; the tolerance only absorbs float rounding).
 * Communication: DeepSpeed's own comms logger on a real engine (tests/ds_harness.py, two CPU
-  ranks over gloo) against ``speed.collectives`` for ZeRO-2 with accumulation and ZeRO-3 with
+  ranks over gloo) against ``traffic.collectives`` for ZeRO-2 with accumulation and ZeRO-3 with
   checkpointing, byte for byte.
 * Behaviour: offloading adds its terms, NVLink vs PCIe scales the communication by the link
   ratio, checkpointing adds one forward of the layers less early stop.
@@ -36,12 +36,12 @@ from planner.speed import (
     HOST_MEMORY_BYTES_PER_S,
     MODEL_FLOPS_UTILIZATION,
     TERMS,
-    collectives,
     describe,
     peak_flops,
     peer_link,
     step_time,
 )
+from planner.traffic import collectives
 from planner.workload import Workload, trainable_inventory
 
 TINY = {"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 160,
@@ -330,7 +330,7 @@ def test_nvlink_scales_communication_by_the_link_ratio(catalog, minicpm, gpu: st
 
 def test_checkpointing_adds_a_forward_of_the_layers(catalog) -> None:
     """Under 1/3 of compute: one more forward of the layers, but not of lm_head and not of each
-    layer's down_proj (early stop); Qwen2.5-7B at 1k tokens: about 23 % of the FLOPs."""
+    layer's down_proj (early stop); Qwen2.5-7B at 1k tokens: about 22 % of the FLOPs."""
     model = build_model(catalog.model("qwen2.5-7b"))
     cluster = _cluster(catalog, "a100-80gb", 1)
     workload, zero = Workload(seq_len=1024), ZeroSettings()
