@@ -215,8 +215,25 @@ def _resampler_units(group: Group, params: Sequence[Param], base: float, crops: 
     ]
 
 
+_MEMO: dict[tuple, tuple[list[Unit], tuple[str, ...]]] = {}
+_MEMO_LIMIT = 256
+
+
 def units(model: ModelSpec, params: Sequence[Param], workload: Workload,
           grad_ckpt: bool = False) -> tuple[list[Unit], tuple[str, ...]]:
+    """``_units``, remembered: the search asks the same question for every ZeRO stage, offload and
+    link. The units returned are shared; callers only read them."""
+    key = (tuple((g.name, g.kind) for g in model.groups), tuple(params), workload, grad_ckpt)
+    hit = _MEMO.get(key)
+    if hit is None:
+        if len(_MEMO) >= _MEMO_LIMIT:
+            _MEMO.clear()
+        hit = _MEMO[key] = _units(model, params, workload, grad_ckpt)
+    return hit
+
+
+def _units(model: ModelSpec, params: Sequence[Param], workload: Workload,
+           grad_ckpt: bool) -> tuple[list[Unit], tuple[str, ...]]:
     """Every unit that runs in one sample's step, in forward order, with ``grad_in`` and
     ``backward`` resolved; and the groups that hold parameters but are not run or not modeled.
 

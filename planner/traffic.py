@@ -67,6 +67,9 @@ def _aligned(numel: int, ranks: int) -> int:
     return ceil_div(numel, ranks) * ranks
 
 
+_GATHERED: dict[tuple, tuple[float, float]] = {}
+
+
 def zero3_gathered(model: ModelSpec, params: Sequence[Param], workload: Workload, zero: ZeroSettings,
                    grad_ckpt: bool, world_size: int = 1,
                    max_reuse_distance: int = DS_MAX_REUSE_DISTANCE) -> tuple[float, float]:
@@ -83,6 +86,18 @@ def zero3_gathered(model: ModelSpec, params: Sequence[Param], workload: Workload
     use its look-ahead (``prefetch_bucket_size``) skipped over, which on a model smaller than
     that look-ahead saves most backward gathers (docs/speed.md).
     """
+    key = (tuple((g.name, g.kind) for g in model.groups), tuple(params), workload, grad_ckpt,
+           zero.param_persistence_threshold, world_size, max_reuse_distance)
+    if key not in _GATHERED:
+        if len(_GATHERED) >= 256:
+            _GATHERED.clear()
+        _GATHERED[key] = _gathered(model, params, workload, zero.param_persistence_threshold, grad_ckpt,
+                                   world_size, max_reuse_distance)
+    return _GATHERED[key]
+
+
+def _gathered(model: ModelSpec, params: Sequence[Param], workload: Workload, persistence: int, grad_ckpt: bool,
+              world_size: int, max_reuse_distance: int) -> tuple[float, float]:
     all_units, _ = flop_units(model, params, workload, grad_ckpt)
     seq: list[tuple[int, bool]] = [(i, True) for i in range(len(all_units))]
     by_layer: dict[tuple[str, int | None], list[int]] = {}
@@ -108,7 +123,7 @@ def zero3_gathered(model: ModelSpec, params: Sequence[Param], workload: Workload
     fwd = bwd = 0.0
     for k, (i, forward) in enumerate(seq):
         for name, numel in all_units[i].tensors:
-            if numel <= zero.param_persistence_threshold:
+            if numel <= persistence:
                 continue
             j = last.get(name)
             if j is None or prefix[k] - prefix[j + 1] >= max_reuse_distance:
