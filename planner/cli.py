@@ -327,8 +327,6 @@ def validate(paths: tuple[Path, ...]) -> None:
         click.echo(f"ok  {path}: {len(pf.gpus)} GPU(s), {len(pf.models)} model(s)")
 
 
-if __name__ == "__main__":
-    main()
 
 
 TRACE_EPILOG = """\b
@@ -388,3 +386,15 @@ def _progress_printer() -> Callable[[str], None]:
         out.print(f"[dim]trace: {message}[/dim]")
 
     return show
+
+
+def _register() -> None:
+    from planner.cli_tune import tune
+
+    main.add_command(tune)
+
+
+_register()
+
+if __name__ == "__main__":
+    main()

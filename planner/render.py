@@ -222,3 +222,151 @@ def trace_view(report: Any) -> RichGroup:
     parts: list[Any] = [Text(title, style="bold"), table, phases, modules]
     parts += [Text(f"note: {n}", style="dim") for n in report.notes]
     return RichGroup(*parts)
+
+
+# --- memplan tune ---------------------------------------------------------------------------------
+
+
+def _gives(c: Any) -> str:
+    return "; ".join(g.text for g in c.gives_up) or "-"
+
+
+def _how(c: Any) -> str:
+    o = c.options
+    if o.engine.value == "torch":
+        return "torch DDP"
+    off = [f"{k}>{v.value}" for k, v in (("opt", o.offload_optimizer), ("param", o.offload_param))
+           if v.value != "none"]
+    return f"ZeRO-{int(o.zero)}" + (f" {' '.join(off)}" if off else "")
+
+
+def _trains(c: Any) -> str:
+    o = c.options
+    return f"LoRA r{o.lora.rank}" if o.lora else "full"
+
+
+def candidates_table(candidates: list[Any], top: int) -> Table:
+    """The ranked candidates: how each runs, its memory, its speed and what it gives up."""
+    table = Table(title=f"what fits, best first (top {min(top, len(candidates))} of {len(candidates)})",
+                  title_justify="left")
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("setup", ratio=3)
+    for col in ("batch", "ctx", "GPU GiB", "host GiB", "tok/s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("gives up", ratio=2)
+    for i, c in enumerate(candidates[:top], 1):
+        o, w = c.options, c.workload
+        setup = Text(f"{_how(c)}\n{o.precision.value} {o.optimizer.value} ckpt {'on' if o.grad_ckpt else 'off'}"
+                     f" {_trains(c)}")
+        ctx = f"{w.seq_len}" + (f"/{w.max_slice_nums}sl" if w.images else "")
+        table.add_row(str(i), setup, f"{w.micro_batch}x{w.grad_accum}", ctx,
+                      f"{c.estimate.per_gpu.total_bytes / GIB:.2f}", f"{c.estimate.host.total_bytes / GIB:.2f}",
+                      f"{c.speed.tokens_per_s:,.0f}", Text(_gives(c)), style="bold" if i == 1 else None)
+    return table
+
+
+_TERMS = {
+    "compute": "forward and backward matmuls at the GPU's dense peak x the MFU constant",
+    "recompute": "the forward again under activation checkpointing",
+    "zero_comm": "gradient reduction and ZeRO-3 parameter gathers over the GPUs' link",
+    "offload": "offloaded states and parameters over PCIe (and NVMe)",
+    "cpu_optimizer": "DeepSpeed's CPU Adam on the host's cores",
+}
+
+
+def speed_table(speed: Any) -> Table:
+    """The chosen plan's time per optimizer step, term by term (docs/speed.md)."""
+    table = Table(title="time per optimizer step (docs/speed.md)", title_justify="left")
+    table.add_column("term")
+    table.add_column("seconds", justify="right")
+    table.add_column("what", style="dim")
+    for name, sec in speed.terms.items():
+        table.add_row(name, f"{sec:.3f}", _TERMS.get(name, ""))
+    table.add_row("total", f"{speed.total_s:.3f}",
+                  f"{speed.tokens_per_step:,} tokens -> {speed.tokens_per_s:,.0f} tokens/s", style="bold")
+    return table
+
+
+def _fix_line(fix: Any) -> Text:
+    c = fix.candidate
+    return Text(f"  {fix.change}: {c.name} fits with {gib(c.estimate.per_gpu.total_bytes)} per GPU, "
+                f"{gib(c.estimate.host.total_bytes)} host, {c.speed.tokens_per_s:,.0f} tokens/s"
+                + (f"; gives up {_gives(c)}" if c.gives_up else ""))
+
+
+def tune_view(result: Any, fixes: list[Any], files: list[Any], out: Any, seconds: float, notes: list[str],
+              title: str, top: int) -> RichGroup:
+    """The whole `memplan tune` screen."""
+    rejected = ", ".join(f"{n} by {b}" for b, n in sorted(_rejections(result).items())) or "none"
+    parts: list[Any] = [Text(title, style="bold"),
+                        Text(f"searched {result.evaluated} estimates in {seconds:.2f} s; rejected: {rejected}; "
+                             f"global batch {result.global_batch}, margin {result.margin:.0%}", style="dim")]
+    chosen = result.chosen
+    if chosen is None:
+        parts.append(Text("NOTHING FITS in the search space.", style="bold red"))
+        near = sorted(result.rejections, key=lambda r: r.over_bytes)[:3]
+        for r in near:
+            parts.append(Text(f"  nearest: {r.name}: {r.budget} {gib(r.over_bytes)} over", style="red"))
+    else:
+        parts += [candidates_table(result.candidates, top), Text("")]
+        wl = chosen.workload
+        parts.append(Text(f"chosen: {chosen.name}  (micro-batch {wl.micro_batch} x accumulation {wl.grad_accum})",
+                          style="bold green"))
+        parts.append(estimate_view(chosen.estimate, "its estimate"))
+        parts.append(speed_table(chosen.speed))
+    if fixes:
+        head = "to get the request as asked:" if chosen is not None else "what would make it fit:"
+        parts.append(Text(head, style="bold"))
+        parts += [_fix_line(f) for f in fixes]
+    if files:
+        written = [f.name for f in files if f.text is not None]
+        parts.append(Text(f"wrote {out}/: {', '.join(written)}", style="bold"))
+        parts += [Text(f"  no {f.name}: {f.skipped}", style="dim") for f in files if f.text is None]
+    parts += [Text(f"note: {n}", style="dim") for n in notes]
+    return RichGroup(*parts)
+
+
+def _rejections(result: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in result.rejections:
+        out[r.budget] = out.get(r.budget, 0) + 1
+    return out
+
+
+def candidate_json(c: Any) -> dict[str, Any]:
+    """One candidate in ``memplan tune --json``."""
+    return {
+        "name": c.name,
+        "settings": {"options": c.options.model_dump(mode="json"), "workload": c.workload.model_dump(mode="json")},
+        "per_gpu_bytes": c.estimate.per_gpu.total_bytes,
+        "host_bytes": c.estimate.host.total_bytes,
+        "nvme_bytes": c.estimate.nvme_bytes,
+        "tokens_per_s": c.speed.tokens_per_s,
+        "step_seconds": dict(c.speed.terms),
+        "gives_up": [g.model_dump() for g in c.gives_up],
+    }
+
+
+def tune_json(result: Any, fixes: list[Any], files: list[Any], out: Any, seconds: float,
+              notes: list[str]) -> dict[str, Any]:
+    """The ``memplan tune --json`` document (keys in docs/tune.md)."""
+    chosen = result.chosen
+    doc: dict[str, Any] = {
+        "candidates": [candidate_json(c) for c in result.candidates],
+        "chosen": None,
+        "fixes": [{"change": f.change, "candidate": candidate_json(f.candidate)} for f in fixes],
+        "evaluated": result.evaluated,
+        "rejected": _rejections(result),
+        "global_batch": result.global_batch,
+        "margin": result.margin,
+        "seconds": seconds,
+        "notes": notes,
+    }
+    if chosen is not None:
+        doc["chosen"] = candidate_json(chosen) | {
+            "estimate": estimate_json(chosen.estimate),
+            "out": str(out),
+            "files": [f.name for f in files if f.text is not None],
+            "skipped": {f.name: f.skipped for f in files if f.text is None},
+        }
+    return doc

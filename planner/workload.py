@@ -115,7 +115,26 @@ def _lora_matches(t: TensorSpec, lora: LoraOptions) -> bool:
     return t.module in lora.targets
 
 
+_INVENTORIES: dict[tuple, tuple[ModelSpec, tuple[Param, ...]]] = {}
+
+
 def trainable_inventory(model: ModelSpec, options: TrainingOptions) -> list[Param]:
+    """Every parameter tensor the run holds, marked trained or frozen (see `_inventory`).
+
+    Remembered per model and selection: the search asks for the same inventory under many
+    engines, stages and offloads.
+    """
+    key = (id(model), options.train, options.freeze, options.without, options.lora)
+    hit = _INVENTORIES.get(key)
+    if hit is None or hit[0] is not model:
+        if len(_INVENTORIES) > 256:
+            _INVENTORIES.clear()
+        hit = (model, tuple(_inventory(model, options)))
+        _INVENTORIES[key] = hit
+    return list(hit[1])
+
+
+def _inventory(model: ModelSpec, options: TrainingOptions) -> list[Param]:
     """Every parameter tensor the run holds, marked trained or frozen.
 
     Rules (one per flag, applied in this order):

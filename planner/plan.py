@@ -1,0 +1,272 @@
+"""Plan: the chosen setup, its estimate and speed, what it gives up, and how to train with it.
+
+Fifth stage of the flow (search -> **plan** -> writers -> launch). A plan is plain data: it
+round-trips through ``plan.json``, so `memplan launch` and `memplan train` can read back exactly
+what `memplan tune` chose, and a retry after an out-of-memory error can search again from the same
+request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from planner.estimate.states import ZeroSettings
+from planner.hardware import Cluster
+from planner.options import Engine, TrainingOptions, ZeroStage
+from planner.profile import ModelSpec
+from planner.search import Candidate, Constraints, GiveUp, Request
+from planner.workload import Origin, Workload, trainable_inventory
+
+PLAN_VERSION = 1
+
+FULL_LEARNING_RATE = 1e-5
+"""Full fine-tuning learning rate: LLaMA-Factory's full-SFT examples (1e-5); MiniCPM-o's
+finetune_ds.sh uses 1e-6 for its 8-GPU batch."""
+
+LORA_LEARNING_RATE = 1e-4
+"""LoRA learning rate: LLaMA-Factory's LoRA-SFT examples (1e-4)."""
+
+
+class ModelRef(BaseModel):
+    """Which model: the profile (or config) it was planned from and where the weights come from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    """Profile name, or the config's folder for a local model."""
+    path: str
+    """``model_name_or_path`` for the trainers: a hub id or a local folder."""
+    hidden_size: int | None = None
+    model_type: str | None = None
+    """The LLM's model_type (``qwen2``...): picks the chat template of the trainers."""
+
+
+class ClusterRef(BaseModel):
+    """The cluster, as ``--gpus`` names it, and the host RAM per node it was planned for."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gpus: str
+    gpu: str
+    nodes: int = Field(gt=0)
+    gpus_per_node: int = Field(gt=0)
+    gpu_memory_bytes: int = Field(gt=0)
+    host_ram_bytes: int = Field(gt=0)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in all."""
+        return self.nodes * self.gpus_per_node
+
+    @classmethod
+    def of(cls, cluster: Cluster) -> ClusterRef:
+        """From a `Cluster`."""
+        return cls(gpus=cluster.label, gpu=cluster.gpu.name, nodes=cluster.nodes, gpus_per_node=cluster.gpus_per_node,
+                   gpu_memory_bytes=cluster.gpu_memory_bytes, host_ram_bytes=cluster.host_ram_bytes)
+
+
+class GroupPlan(BaseModel):
+    """How one built layer group trains in the plan."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    kind: str
+    params: int
+    trainable_params: int
+    training: str
+    """``full`` (every tensor trains), ``partial`` (some parts do), ``lora`` (adapters, the base
+    frozen), ``frozen``."""
+
+
+def group_plans(model: ModelSpec, options: TrainingOptions) -> tuple[GroupPlan, ...]:
+    """Each built group's training mode, from the run's parameter inventory."""
+    params = trainable_inventory(model, options)
+    out = []
+    for g in model.groups:
+        mine = [p for p in params if p.group == g.name]
+        if not mine:
+            continue  # not built (--without)
+        base = [p for p in mine if p.origin == Origin.BASE]
+        trained_base = {p.tensor.name for p in mine if p.trainable and p.origin != Origin.LORA}
+        adapters = any(p.origin == Origin.LORA for p in mine)
+        trainable = {p.tensor.name for p in base if p.tensor.requires_grad}
+        if adapters:
+            training = "lora"
+        elif not trained_base:
+            training = "frozen"
+        elif trained_base >= trainable:
+            training = "full"
+        else:
+            training = "partial"
+        out.append(GroupPlan(name=g.name, kind=g.kind, params=sum(p.numel for p in base),
+                             trainable_params=sum(p.numel for p in mine if p.trainable), training=training))
+    return tuple(out)
+
+
+def lora_modules(model: ModelSpec, options: TrainingOptions) -> tuple[str, ...]:
+    """Leaf names of the linears LoRA adapts (``q_proj``...), in model order; empty without LoRA."""
+    if options.lora is None:
+        return ()
+    seen: dict[str, None] = {}
+    for p in trainable_inventory(model, options):
+        if p.origin == Origin.LORA:
+            seen[p.tensor.name.split(".")[-3]] = None
+    return tuple(seen)
+
+
+class TrainerSettings(BaseModel):
+    """What the trainers need beyond memory: data, output, schedule. Not searched; the user may
+    pass them to `memplan tune` and edit them in the written files."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data_path: str = "data/train.json"
+    """The training data (MiniCPM-style JSON/JSONL conversations)."""
+    output_dir: str = "output"
+    """Where the trainer writes checkpoints; relative paths are relative to where it runs."""
+    learning_rate: float = Field(default=FULL_LEARNING_RATE, gt=0)
+    num_train_epochs: float = Field(default=1.0, gt=0)
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1: run the epochs."""
+    warmup_ratio: float = Field(default=0.03, ge=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    """Gradient clipping (HF Trainer's default 1.0; the estimate counts its temporaries)."""
+    lr_scheduler_type: str = "cosine"
+    logging_steps: int = Field(default=1, gt=0)
+    save_steps: int = Field(default=500, gt=0)
+    save_total_limit: int = Field(default=3, gt=0)
+    seed: int = 42
+    lora_alpha: int | None = None
+    """LoRA alpha; None: equal to the rank (MiniCPM-o's finetune_lora.sh uses r 64, alpha 64)."""
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    nvme_path: str = "/local_nvme"
+    """A folder on the NVMe drive for ZeRO-Infinity offload (DeepSpeed's docs use /local_nvme)."""
+
+
+class Plan(BaseModel):
+    """Everything `memplan tune` decided, and why. ``plan.json`` is this model as JSON."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: int = PLAN_VERSION
+    model: ModelRef
+    cluster: ClusterRef
+    options: TrainingOptions
+    workload: Workload
+    groups: tuple[GroupPlan, ...]
+    lora_modules: tuple[str, ...] = ()
+    global_batch: int = Field(gt=0)
+    zero: dict[str, Any]
+    """The DeepSpeed values the estimate used (`ZeroSettings` fields)."""
+    trainer: TrainerSettings = TrainerSettings()
+    request: Request
+    constraints: Constraints
+    gives_up: tuple[GiveUp, ...] = ()
+    per_gpu_bytes: int
+    host_bytes: int
+    nvme_bytes: int = 0
+    gpu_peak_phase: str
+    host_peak_phase: str
+    step_seconds: dict[str, float]
+    tokens_per_s: float
+    candidate: str
+    """The candidate's canonical name."""
+    notes: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+    """The files written with it (set by the folder writer)."""
+    skipped: dict[str, str] = Field(default_factory=dict)
+    """Files this plan has none of, and why (a trainer that cannot express it)."""
+
+    @property
+    def deepspeed(self) -> bool:
+        """Whether the run goes through DeepSpeed."""
+        return self.options.engine is Engine.DEEPSPEED
+
+    @property
+    def zero_settings(self) -> ZeroSettings:
+        """The `ZeroSettings` of the estimate."""
+        return ZeroSettings(**self.zero)
+
+    @property
+    def zero3(self) -> bool:
+        """Whether ZeRO-3 partitions the parameters."""
+        return self.deepspeed and self.options.zero is ZeroStage.PARAMETERS
+
+    def to_json(self) -> dict[str, Any]:
+        """``plan.json``'s content."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def read(cls, path: Path) -> Plan:
+        """Read a ``plan.json``.
+
+        Raises:
+            ValueError: the file is not a plan of this version (pydantic's ValidationError is one).
+        """
+        import json
+
+        doc = json.loads(Path(path).read_text())
+        if not isinstance(doc, dict) or doc.get("version") != PLAN_VERSION:
+            raise ValueError(f"{path}: not a memplan plan (version {PLAN_VERSION})")
+        return cls.model_validate(doc)
+
+
+def make_plan(
+    model: ModelSpec,
+    model_path: str | None,
+    cluster: Cluster,
+    candidate: Candidate,
+    global_batch: int,
+    request: Request,
+    constraints: Constraints,
+    trainer: TrainerSettings | None = None,
+    notes: tuple[str, ...] = (),
+) -> Plan:
+    """The plan of one candidate.
+
+    Args:
+        model: the model planned for.
+        model_path: where the trainers load it from; None: the profile's hub id.
+        cluster: the cluster planned for.
+        candidate: the chosen setup.
+        global_batch: samples per optimizer step.
+        request, constraints: what the search honoured (kept to search again on a retry).
+        trainer: data, output and schedule; None: defaults, with the LoRA learning rate for LoRA.
+        notes: what the user should read with the plan.
+    """
+    llm = next((g for g in model.groups if g.kind == "decoder"), None)
+    path = model_path or model.hf_id or model.name
+    if trainer is None:
+        trainer = TrainerSettings(learning_rate=LORA_LEARNING_RATE if candidate.options.lora else FULL_LEARNING_RATE)
+    est = candidate.estimate
+    zero = ZeroSettings.hf_auto(model.hidden_size)
+    return Plan(
+        model=ModelRef(name=model.name, path=path, hidden_size=model.hidden_size,
+                       model_type=llm.config.get("model_type") if llm else None),
+        cluster=ClusterRef.of(cluster),
+        options=candidate.options,
+        workload=candidate.workload,
+        groups=group_plans(model, candidate.options),
+        lora_modules=lora_modules(model, candidate.options),
+        global_batch=global_batch,
+        zero={k: getattr(zero, k) for k in zero.__dataclass_fields__},
+        trainer=trainer,
+        request=request,
+        constraints=constraints,
+        gives_up=candidate.gives_up,
+        per_gpu_bytes=est.per_gpu.total_bytes,
+        host_bytes=est.host.total_bytes,
+        nvme_bytes=est.nvme_bytes,
+        gpu_peak_phase=est.per_gpu.peak_phase.value,
+        host_peak_phase=est.host.peak_phase.value,
+        step_seconds=dict(candidate.speed.terms),
+        tokens_per_s=candidate.speed.tokens_per_s,
+        candidate=candidate.name,
+        notes=notes,
+    )
+
