@@ -392,6 +392,9 @@ def _register() -> None:
     from planner.cli_tune import tune
 
     main.add_command(tune)
+    from planner.cli_launch import register
+
+    register(main)
 
 
 _register()

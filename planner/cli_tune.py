@@ -24,6 +24,7 @@ from planner.cli_common import (
     profiles_dir_option,
     user_errors,
 )
+from planner.cli_launch import launch_options
 
 TUNE_EPILOG = """\b
 Examples:
@@ -34,13 +35,15 @@ Examples:
 """
 
 
-@click.command(epilog=TUNE_EPILOG)
+@click.command(epilog=TUNE_EPILOG, context_settings={"ignore_unknown_options": True})
 @click.option("--model", default=None, help=f"Profile name, hub id or local config.json. [default: {DEFAULT_MODEL}]")
 @click.option("--gpus", default=None, help="GPUS like 2x3090, 2x8xh100, or auto. [default: auto, else 2x3090]")
 @click.option("--host-ram", callback=parse_size_arg, help="Host RAM per node, e.g. 64GiB. [default: this machine's]")
 @click.option("--nvme", callback=parse_size_arg, help="NVMe space per node for ZeRO-Infinity offload. [default: none]")
 @click.option("--target", type=click.Choice(["builtin", "minicpm", "llamafactory"]), default="builtin",
               show_default=True, help="The trainer that will run the plan: only setups it can express are chosen.")
+@click.option("--engine", type=click.Choice(["torch", "deepspeed"]), default=None,
+              help="Only this engine (plain PyTorch DDP, or DeepSpeed with ZeRO 1-3). [default: both]")
 @click.option("--train", multiple=True, callback=parse_names, help="Request: train only these groups/parts.")
 @click.option("--freeze", multiple=True, callback=parse_names, help="Request: freeze these groups/parts.")
 @click.option("--without", multiple=True, callback=parse_names, help="Groups the training script never builds.")
@@ -76,15 +79,18 @@ Examples:
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--output-dir", default="output", show_default=True, help="Where the trainer writes checkpoints.")
 @click.option("--json", "as_json", is_flag=True, help="Print candidates, the chosen plan and fixes as JSON.")
+@click.option("--launch", "launch_run", is_flag=True, help="Run the plan once written (see memplan launch).")
+@launch_options
 @profiles_dir_option
 @user_errors
-def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | None, target: str,
+def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | None, target: str, engine: str | None,
          train: tuple[str, ...] | None, freeze: tuple[str, ...] | None, without: tuple[str, ...] | None,
          must_train: tuple[str, ...] | None, lora_rank: int | None, precision: str | None, seq_len: int,
          min_seq_len: int | None, images: int | None, image_size: tuple[int, int] | None,
          max_slice_nums: int | None, min_slices: int | None, audio_seconds: float, global_batch: int | None,
          margin: float, top: int, out_dir: Path, force: bool, data: str, model_path: str | None,
-         learning_rate: float | None, epochs: float, output_dir: str, as_json: bool,
+         learning_rate: float | None, epochs: float, output_dir: str, as_json: bool, launch_run: bool,
+         script: Path | None, hostfile: Path | None, max_retries: int, dry_run: bool, extra: tuple[str, ...],
          profiles_dirs: tuple[Path, ...]) -> None:
     """Search the setups that fit, rank them by expected speed, and write the best one's
     DeepSpeed config, trainer arguments and launch scripts into --out."""
@@ -119,8 +125,11 @@ def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | 
     )
     constraints = Constraints(must_train=must_train or (), min_seq_len=min_seq_len, min_slice_nums=min_slices,
                               margin=margin, nvme_bytes=nvme or 0, target=target)
-    result = search(spec, cluster, request, constraints, top=top)
-    repair = fixes(spec, cluster, request, constraints, SearchSpace(), result)
+    space = SearchSpace()
+    if engine is not None:
+        space = space.model_copy(update={"engines": tuple(e for e in space.engines if e[0].value == engine)})
+    result = search(spec, cluster, request, constraints, space, top=top)
+    repair = fixes(spec, cluster, request, constraints, space, result)
     seconds = time.perf_counter() - started
     chosen = result.chosen
     files = []
@@ -139,4 +148,10 @@ def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | 
         render.console().print(render.tune_view(result, repair, files, out_dir, seconds, notes, title, top))
     if chosen is None:
         raise SystemExit(1)
+    if extra and not launch_run:
+        raise UserError(f"unexpected arguments {' '.join(extra)!r} (trainer flags go after -- with --launch)")
+    if launch_run or dry_run:
+        from planner.cli_launch import run_plan
+
+        raise SystemExit(run_plan(out_dir, target, script, hostfile, None, max_retries, dry_run, extra))
 

@@ -127,6 +127,10 @@ class Constraints(BaseModel):
     """The trainer that will run the plan: only setups it can express are candidates.
     ``minicpm``: MiniCPM-o's finetune.py (DeepSpeed only; builds llm, vpm, resampler; its LoRA
     also trains a copy of llm.embed_tokens). ``llamafactory``: no pure bf16 with ZeRO-3."""
+    max_gpu_bytes: int | None = Field(default=None, gt=0)
+    """A cap below the margin's, per GPU: set after a run died of GPU out-of-memory (launch.py)."""
+    max_host_bytes: int | None = Field(default=None, gt=0)
+    """A cap below the margin's, per node's host RAM: set after a host out-of-memory kill."""
 
 
 class SearchSpace(BaseModel):
@@ -284,6 +288,8 @@ def search(
     zero = ZeroSettings.hf_auto(model.hidden_size)
     gpu_cap = int(cluster.gpu_memory_bytes * (1 - constraints.margin))
     host_cap = int(cluster.host_ram_bytes * (1 - constraints.margin))
+    gpu_cap = min(gpu_cap, constraints.max_gpu_bytes or gpu_cap)
+    host_cap = min(host_cap, constraints.max_host_bytes or host_cap)
     result = SearchResult([], [], 0, global_batch, constraints.margin)
     hows = list(_hows(space, cluster, request, constraints))
     relaxations = sorted(_relaxations(model, request, constraints, space), key=lambda r: r.key)

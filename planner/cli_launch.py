@@ -1,0 +1,95 @@
+"""``memplan launch`` (run a plan folder, step down on out-of-memory) and ``memplan train`` (the
+built-in trainer), and the launch options ``memplan tune --launch`` shares. The edge of the flow.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from planner.cli_common import UserError, user_errors
+
+LAUNCH_EPILOG = """\b
+Examples:
+  memplan launch memplan-plan --data train.json
+  memplan launch memplan-plan --target minicpm --script ~/MiniCPM-o/finetune/finetune.py --dry-run
+  memplan launch memplan-plan --max-retries 3 -- --max_steps 100 --logging_steps 5
+"""
+
+
+TARGET_OPTION = click.option(
+    "--target", type=click.Choice(["builtin", "minicpm", "llamafactory"]), default="builtin", show_default=True,
+    help="Trainer: memplan train, MiniCPM's finetune.py, or llamafactory-cli.")
+
+
+def launch_options(fn: Callable) -> Callable:
+    """The options `memplan launch` and `memplan tune --launch` share (besides --target)."""
+    for decorator in reversed((
+        click.option("--script", type=click.Path(path_type=Path), default=None,
+                     help="MiniCPM-o's finetune/finetune.py (--target minicpm)."),
+        click.option("--hostfile", type=click.Path(path_type=Path), default=None,
+                     help="DeepSpeed hostfile for several nodes. [default: PLAN_DIR/hostfile]"),
+        click.option("--max-retries", type=click.IntRange(min=0, max=10), default=2, show_default=True,
+                     help="Relaunches with a safer plan after out-of-memory failures."),
+        click.option("--dry-run", is_flag=True, help="Print the exact command (argv) and run nothing."),
+        click.argument("extra", nargs=-1, type=click.UNPROCESSED),
+    )):
+        fn = decorator(fn)
+    return fn
+
+
+def run_plan(out_dir: Path, target: str, script: Path | None, hostfile: Path | None, data: str | None,
+             max_retries: int, dry_run: bool, extra: tuple[str, ...]) -> int:
+    """Launch (or print) the plan in ``out_dir``; the exit status to return."""
+    from planner.launch import Target, command, exit_status, launch
+    from planner.launch import dry_run as print_command
+    from planner.plan import Plan
+
+    plan_json = out_dir / "plan.json"
+    if not plan_json.is_file():
+        raise UserError(f"{out_dir}: no plan.json (write one with memplan tune --out {out_dir})")
+    try:
+        plan = Plan.read(plan_json)
+    except ValueError as exc:
+        raise UserError(f"{plan_json}: not a readable plan ({str(exc).splitlines()[0]})") from None
+    if dry_run:
+        print_command(command(out_dir, plan, Target(target), script, hostfile, data, extra), click.echo)
+        return 0
+    attempts = launch(out_dir, Target(target), script=script, hostfile=hostfile, data=data, extra=extra,
+                      max_retries=max_retries, echo=lambda line: click.echo(line))
+    return exit_status(attempts)
+
+
+@click.command(epilog=LAUNCH_EPILOG, context_settings={"ignore_unknown_options": True})
+@click.argument("plan_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--data", default=None, help="Training data. [default: the plan's]")
+@TARGET_OPTION
+@launch_options
+@user_errors
+def launch(plan_dir: Path, data: str | None, target: str, script: Path | None, hostfile: Path | None,
+           max_retries: int, dry_run: bool, extra: tuple[str, ...]) -> None:
+    """Run a plan folder through torchrun / DeepSpeed's launcher, streaming its output; after an
+    out-of-memory failure write the next safer plan and run again. EXTRA (after --) goes to the
+    trainer. Exits with the run's status."""
+    sys.exit(run_plan(plan_dir, target, script, hostfile, data, max_retries, dry_run, extra))
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                 "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def train(args: tuple[str, ...]) -> None:
+    """The built-in trainer: HF Trainer on a plan folder (run it under torchrun; see
+    `memplan train --help`)."""
+    from planner.train import main as train_main
+
+    sys.exit(train_main(list(args)))
+
+
+def register(main: Any) -> None:
+    """Add the commands to the ``memplan`` group."""
+    main.add_command(launch)
+    main.add_command(train)
