@@ -20,6 +20,9 @@ from planner.options import Engine, OptimizerImpl, Precision, TrainingOptions
 from planner.profile import ModelSpec
 from planner.workload import Param, Workload
 
+_DS_PRECISION = {2: "pure-bf16", 4: "fp32"}
+"""The activation model's precision for a DeepSpeed module of this element size (no autocast)."""
+
 FORWARD = frozenset({Phase.FORWARD})
 BACKWARD = frozenset({Phase.BACKWARD})
 OPTIMIZER = frozenset({Phase.OPTIMIZER})
@@ -63,7 +66,9 @@ def step_items(model: ModelSpec, params: Sequence[Param], options: TrainingOptio
             params=tuple(mine),
             micro_batch=workload.micro_batch,
             seq_len=workload.seq_len,
-            precision=options.precision.value,
+            # DeepSpeed runs a 16-bit module without autocast whatever the precision flag says
+            # (module_dtype_bytes and autocast below): one key for amp-bf16, amp-fp16, pure-bf16.
+            precision=(_DS_PRECISION[working_dtype(options).itemsize] if deepspeed else options.precision.value),
             attn=options.attn.value,
             grad_ckpt=options.grad_ckpt,
             # Under DeepSpeed the optimizer's own temporaries are the engine's (states.py), so the
