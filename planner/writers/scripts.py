@@ -68,11 +68,19 @@ def _pairs(words: list[str]) -> list[str]:
     """Keep ``--flag value`` (and ``-m module``) on one line."""
     lines: list[str] = []
     for w in words:
-        if lines and lines[-1].startswith("-") and " " not in lines[-1] and not w.startswith("-"):
+        if lines and lines[-1].startswith("-") and " " not in lines[-1] and not _is_flag(w):
             lines[-1] += " " + w
         else:
             lines.append(w)
     return lines
+
+
+def _is_flag(word: str) -> bool:
+    try:
+        float(word)
+        return False  # a negative number is a value (--max_steps -1)
+    except ValueError:
+        return word.startswith("-")
 
 
 def launch_script(plan: Plan) -> str:
