@@ -389,9 +389,11 @@ def _progress_printer() -> Callable[[str], None]:
 
 
 def _register() -> None:
+    from planner.cli_explain import explain
     from planner.cli_tune import tune
 
     main.add_command(tune)
+    main.add_command(explain)
     from planner.cli_launch import register
 
     register(main)
