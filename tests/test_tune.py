@@ -179,7 +179,8 @@ def test_llamafactory_rules():
         assert doc["cutoff_len"] == plan.workload.seq_len
         assert doc["template"] == "minicpm_o"
         assert doc.get("deepspeed") == ("ds_config.json" if plan.deepspeed else None)
-        assert not (doc.get("pure_bf16") and doc.get("bf16"))
+        if doc.get("pure_bf16"):  # HF's bf16 flag: DeepSpeed's bf16 engine, or (without it) autocast, off
+            assert doc["bf16"] is plan.deepspeed
 
 
 def test_folder_never_overwrites_and_is_all_or_nothing(tmp_path: Path, monkeypatch):

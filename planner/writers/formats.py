@@ -111,8 +111,9 @@ def llamafactory_config(plan: Plan) -> dict[str, Any]:
     for key in KEYMAP:
         if key.llamafactory and values[key.setting] is not None and key.llamafactory not in doc:
             doc[key.llamafactory] = values[key.setting]
-    if o.precision is Precision.PURE_BF16:
-        doc["bf16"] = False  # pure_bf16 replaces mixed precision (its parser: not both)
+    # pure_bf16 with DeepSpeed keeps bf16: true: HF Trainer requires DeepSpeed's bf16.enabled to
+    # match it (checked by LLaMA-Factory's own parser, tests/test_llamafactory.py); without
+    # DeepSpeed the keymap already leaves HF's bf16 (autocast) off.
     return doc
 
 

@@ -111,6 +111,7 @@ KEYMAP: tuple[Key, ...] = (
     Key("lora_alpha", llamafactory="lora_alpha", minicpm="lora_alpha"),
     Key("lora_dropout", llamafactory="lora_dropout", minicpm="lora_dropout"),
     Key("lora_target", llamafactory="lora_target", minicpm="lora_target_modules"),
+    Key("lora_modules_to_save", llamafactory="additional_target"),
     Key("tune_vision", minicpm="tune_vision"),
     Key("tune_llm", minicpm="tune_llm"),
     Key("freeze_vision_tower", llamafactory="freeze_vision_tower"),
@@ -169,6 +170,12 @@ def _flag(mode: str | None, value_if_full: bool) -> bool | None:
     if mode in ("full", "frozen"):
         return (mode == "full") == value_if_full
     return None
+
+
+def _modules_to_save(plan: Plan) -> str | None:
+    names = [g.name for g in plan.groups if g.training == "full"]
+    names += [t.partition(".")[2] for t in plan.options.train or () if "." in t]
+    return ",".join(names) or None
 
 
 def settings(plan: Plan) -> dict[str, Any]:
@@ -246,6 +253,10 @@ def settings(plan: Plan) -> dict[str, Any]:
         "lora_alpha": (t.lora_alpha or lora.rank) if lora else None,
         "lora_dropout": t.lora_dropout if lora else None,
         "lora_target": ",".join(plan.lora_modules) if lora else None,
+        # peft modules_to_save: what trains fully beside the adapters (LLaMA-Factory's
+        # additional_target; its freeze_* flags do not make a module trainable under LoRA,
+        # model/adapter.py). MiniCPM's finetune.py fixes its own list (embed_tokens, resampler).
+        "lora_modules_to_save": _modules_to_save(plan) if lora else None,
         "tune_vision": _flag(role.get("vision"), True),
         # with LoRA the LLM's own weights stay frozen: finetune.py wants --tune_llm false then
         "tune_llm": False if role.get("llm") == "lora" else _flag(role.get("llm"), True),
