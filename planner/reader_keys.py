@@ -30,7 +30,6 @@ HF_EXTRA = {
 MINICPM_EXTRA = {"llm_type": "llm_type", "q_lora": "q_lora", "lora_layers_to_transform": "lora_layers_to_transform"}
 LF_EXTRA = {
     "image_max_pixels": "image_max_pixels",
-    "additional_target": "additional_target",
     "freeze_trainable_layers": "freeze_trainable_layers",
     "quantization_bit": "quantization_bit",
     "stage": "lf_stage",

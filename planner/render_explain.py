@@ -26,7 +26,7 @@ MEMORY_SETTINGS = (
     "offload_optimizer_pin_memory", "offload_param", "offload_param_pin_memory", "overlap_comm",
     "contiguous_gradients", "reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
     "stage3_max_live_parameters", "sub_group_size", "optimizer_type", "optim", "finetuning_type", "use_lora",
-    "lora_rank", "lora_target", "additional_target", "tune_vision", "tune_llm", "freeze_vision_tower",
+    "lora_rank", "lora_target", "lora_modules_to_save", "tune_vision", "tune_llm", "freeze_vision_tower",
     "freeze_multi_modal_projector", "freeze_language_model", "lf_stage",
 )
 """Settings that shape the estimate, in the order the table shows them; the rest are listed below it."""

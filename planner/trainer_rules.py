@@ -206,13 +206,14 @@ def llamafactory_groups(merged: Merged, model: ModelSpec, problems: list[Problem
     groups = tuple(g for g, r in roles.items() if r not in frozen_roles and g not in without)
     target = str(v("lora_target"))
     targets = ("all-linear",) if target == "all" else tuple(t.strip() for t in target.split(",") if t.strip())
-    extra = v("additional_target")
+    extra = v("lora_modules_to_save") or v("additional_target")  # the key map's name, or the raw key
     train: tuple[str, ...] | None = None
     if extra:
         names = [t.strip() for t in str(extra).split(",") if t.strip()]
         part_of = {"embed_tokens": "llm.embed_tokens", "lm_head": "llm.lm_head"}
         train = tuple(part_of.get(n, n) for n in names)
-    if "projector" not in frozen_roles and any(r == "projector" for r in roles.values()):
+    projectors = [g for g, r in roles.items() if r == "projector" and g not in without]
+    if "projector" not in frozen_roles and projectors and not set(projectors) <= set(train or ()):
         problems.append(Problem("LLaMA-Factory's LoRA trains the projector only through adapters that match "
                                 "lora_target or additional_target; freeze_multi_modal_projector false alone "
                                 "does not train it fully"))
