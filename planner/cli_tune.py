@@ -109,6 +109,12 @@ def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | 
         notes.append(f"no --model: tuning the reference setup: {DEFAULT_MODEL} as its finetune.py builds it, "
                      "vpm frozen, LLM and resampler trained, one image cut into at most 1 slice")
     spec = load_model(model or DEFAULT_MODEL, catalog)
+    if model_path is None and model is not None and not catalog.has_model(model):
+        from planner.hf_config import find_config
+
+        config = find_config(model)
+        if config is not None:  # a local model: the trainers load the weights from its folder
+            model_path = str(config.resolve().parent)
     if target == "minicpm" and without is None:
         without = tuple(g.name for g in spec.groups if g.name in ("apm", "audio_projection_layer", "tts"))
     cluster = make_cluster_noted(gpus, catalog, host_ram, notes)

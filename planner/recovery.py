@@ -29,8 +29,9 @@ def plan_model(plan: Plan) -> ModelSpec:
         return build_model(catalog.model(plan.model.name))
     from planner.hf_config import find_config, model_from_config
 
-    if find_config(plan.model.name) is not None:
-        return model_from_config(plan.model.name)
+    for where in (plan.model.path, plan.model.name):
+        if find_config(where) is not None:
+            return model_from_config(where)
     raise ProfileError(f"the plan's model {plan.model.name!r} is neither a profile nor a config.json here")
 
 
