@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from planner.estimate.result import Budget, Category, Estimate
+from planner.search import summarize_rejections
 from planner.units import GIB, MIB
 
 # One colour per category, shared by table headers and bars.
@@ -297,7 +298,7 @@ def _fix_line(fix: Any) -> Text:
 def tune_view(result: Any, fixes: list[Any], files: list[Any], out: Any, seconds: float, notes: list[str],
               title: str, top: int) -> RichGroup:
     """The whole `memplan tune` screen."""
-    rejected = ", ".join(f"{n} by {b}" for b, n in sorted(_rejections(result).items())) or "none"
+    rejected = ", ".join(f"{n} by {b}" for b, n in sorted(summarize_rejections(result.rejections).items())) or "none"
     parts: list[Any] = [Text(title, style="bold"),
                         Text(f"searched {result.evaluated} estimates in {seconds:.2f} s; rejected: {rejected}; "
                              f"global batch {result.global_batch}, margin {result.margin:.0%}", style="dim")]
@@ -326,13 +327,6 @@ def tune_view(result: Any, fixes: list[Any], files: list[Any], out: Any, seconds
     return RichGroup(*parts)
 
 
-def _rejections(result: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in result.rejections:
-        out[r.budget] = out.get(r.budget, 0) + 1
-    return out
-
-
 def candidate_json(c: Any) -> dict[str, Any]:
     """One candidate in ``memplan tune --json``."""
     return {
@@ -356,7 +350,7 @@ def tune_json(result: Any, fixes: list[Any], files: list[Any], out: Any, seconds
         "chosen": None,
         "fixes": [{"change": f.change, "candidate": candidate_json(f.candidate)} for f in fixes],
         "evaluated": result.evaluated,
-        "rejected": _rejections(result),
+        "rejected": summarize_rejections(result.rejections),
         "global_batch": result.global_batch,
         "margin": result.margin,
         "seconds": seconds,

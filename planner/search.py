@@ -192,11 +192,14 @@ class Candidate:
         return " ".join([*parts, train])
 
     @property
+    def worst(self) -> int:
+        """The most severe give-up (0: the request as asked)."""
+        return max((g.severity for g in self.gives_up), default=0)
+
+    @property
     def rank_key(self) -> tuple:
         """Ranking: least severe give-up first, then fewer give-ups, then faster, then the name."""
-        worst = max((g.severity for g in self.gives_up), default=0)
-        total = sum(g.severity for g in self.gives_up)
-        return (worst, total, -self.speed.tokens_per_s, self.name)
+        return (self.worst, sum(g.severity for g in self.gives_up), -self.speed.tokens_per_s, self.name)
 
 
 @dataclass(frozen=True)
@@ -502,11 +505,17 @@ def host_ram_fix(model: ModelSpec, cluster: Cluster, request: Request, constrain
         if size * GIB <= cluster.host_ram_bytes:
             continue
         bigger = replace(cluster, host_ram_bytes=size * GIB)
-        found = [c for c in search(model, bigger, request, constraints, space, top=1).candidates
-                 if max((g.severity for g in c.gives_up), default=0) <= max_severity]
+        found = _best_within(model, bigger, request, constraints, space, max_severity)
         if found:
-            return Fix(f"host RAM {cluster.host_ram_bytes / GIB:.0f} -> {size} GiB per node", found[0])
+            return Fix(f"host RAM {cluster.host_ram_bytes / GIB:.0f} -> {size} GiB per node", found)
     return None
+
+
+def _best_within(model: ModelSpec, cluster: Cluster, request: Request, constraints: Constraints,
+                 space: SearchSpace, max_severity: int) -> Candidate | None:
+    """The best candidate on ``cluster`` that gives up at most ``max_severity``."""
+    found = search(model, cluster, request, constraints, space, top=1).candidates
+    return next((c for c in found if c.worst <= max_severity), None)
 
 
 def more_gpus_fix(model: ModelSpec, cluster: Cluster, request: Request, constraints: Constraints,
@@ -525,10 +534,9 @@ def more_gpus_fix(model: ModelSpec, cluster: Cluster, request: Request, constrai
         if request.global_batch is not None and request.global_batch % bigger.world_size:
             req = request.model_copy(update={"global_batch": -(-request.global_batch // bigger.world_size)
                                              * bigger.world_size})
-        found = [c for c in search(model, bigger, req, constraints, space, top=1).candidates
-                 if max((g.severity for g in c.gives_up), default=0) <= max_severity]
+        found = _best_within(model, bigger, req, constraints, space, max_severity)
         if found:
-            return Fix(f"GPUs {cluster.label} -> {bigger.label}", found[0])
+            return Fix(f"GPUs {cluster.label} -> {bigger.label}", found)
     return None
 
 

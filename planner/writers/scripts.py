@@ -89,15 +89,10 @@ def launch_script(plan: Plan) -> str:
     ``DATA`` (env) overrides the data file; arguments are passed on to planner.train (HF
     ``TrainingArguments`` flags such as ``--max_steps 10``).
     """
-    program = ['"$PLAN_DIR"', "--data", '"$DATA"']
-    argv = launcher_argv(plan, ["planner.train", *program], hostfile='"$HOSTFILE"', module=True)
-    lines = _header(plan, "train with memplan's built-in HF Trainer entry point")
-    lines.append(f"DEFAULT_DATA={shlex.quote(plan.trainer.data_path)}")
-    lines.append('DATA="${DATA:-$DEFAULT_DATA}"')
-    if plan.cluster.nodes > 1:
-        lines.append('HOSTFILE="${HOSTFILE:-$PLAN_DIR/hostfile}"  # one line per node: "host slots=N"')
-    lines.append(_shell_argv(argv) + ' \\\n    "$@"')
-    return "\n".join(lines) + "\n"
+    argv = launcher_argv(plan, ["planner.train", '"$PLAN_DIR"', "--data", '"$DATA"'], hostfile='"$HOSTFILE"',
+                         module=True)
+    return _script(plan, "train with memplan's built-in HF Trainer entry point", argv,
+                   [f"DEFAULT_DATA={shlex.quote(plan.trainer.data_path)}", 'DATA="${DATA:-$DEFAULT_DATA}"'])
 
 
 def minicpm_script(plan: Plan) -> str:
@@ -110,12 +105,17 @@ def minicpm_script(plan: Plan) -> str:
     flags = minicpm_flags(plan)
     deepspeed = flags.index("--deepspeed")
     flags[deepspeed + 1] = '"$PLAN_DIR/ds_config.json"'
-    program = ['"$FINETUNE_PY"', *flags]
-    argv = launcher_argv(plan, program, hostfile='"$HOSTFILE"')
-    lines = _header(plan, "MiniCPM-o / MiniCPM-V finetune.py with this plan")
-    lines.append('FINETUNE_PY="${FINETUNE_PY:-finetune.py}"  # MiniCPM-o/finetune/finetune.py')
+    argv = launcher_argv(plan, ['"$FINETUNE_PY"', *flags], hostfile='"$HOSTFILE"')
+    return _script(plan, "MiniCPM-o / MiniCPM-V finetune.py with this plan", argv,
+                   ['FINETUNE_PY="${FINETUNE_PY:-finetune.py}"  # MiniCPM-o/finetune/finetune.py'])
+
+
+def _script(plan: Plan, what: str, argv: list[str], variables: list[str]) -> str:
+    """A launch script: the header, the script's variables, the hostfile for several nodes, then
+    the command with the script's own arguments passed on."""
+    lines = _header(plan, what) + variables
     if plan.cluster.nodes > 1:
-        lines.append('HOSTFILE="${HOSTFILE:-$PLAN_DIR/hostfile}"')
+        lines.append('HOSTFILE="${HOSTFILE:-$PLAN_DIR/hostfile}"  # one line per node: "host slots=N"')
     lines.append(_shell_argv(argv) + ' \\\n    "$@"')
     return "\n".join(lines) + "\n"
 
