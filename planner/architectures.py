@@ -70,8 +70,7 @@ class TensorSpec:
         return parts[-2] if len(parts) >= 2 else parts[0]
 
 
-class ProfileError(ValueError):
-    """A profile is malformed: a missing field, an unknown kind, a count that does not add up."""
+from planner.errors import ProfileError  # noqa: E402  (re-exported: the project's user-input error)
 
 
 def _req(cfg: Mapping[str, Any], key: str) -> Any:

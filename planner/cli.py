@@ -18,9 +18,13 @@ from planner.architectures import ProfileError
 from planner.cli_common import (
     DEFAULT_MODEL,
     REFERENCE_GROUPS,
+    FiniteFloat,
     UserError,
+    error_line,
+    json_text,
     load_model,
     make_cluster_noted,
+    one_line,
     parse_image_size,
     parse_names,
     parse_size_arg,
@@ -28,11 +32,23 @@ from planner.cli_common import (
     user_errors,
 )
 
+INTERNAL_ERROR_EXIT = 70
+"""Exit status of an unexpected failure inside memplan (a bug): sysexits' EX_SOFTWARE."""
+
+INTERRUPTED_EXIT = 130
+"""Exit status after Ctrl-C: 128 + SIGINT, as shells report it."""
+
+REPORT_HINT = "this is a bug in memplan: please report it with the command line (--debug shows the traceback)"
+
 
 class _Group(click.Group):
-    """click's usage errors as one line on stderr, like the library's own errors, exit code 2."""
+    """The one error boundary: click's usage errors and the library's input errors as one line on
+    stderr with exit code 2; anything unexpected as one line and a hint to report it (exit 70), its
+    traceback only under ``--debug`` (or ``MEMPLAN_DEBUG=1``)."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        argv = list(args[0]) if args and args[0] is not None else sys.argv[1:]
+        debug = _debug_requested(argv)
         try:
             return super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.Exit as exc:
@@ -41,19 +57,45 @@ class _Group(click.Group):
             return exc.exit_code
         except click.UsageError as exc:
             hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
-            click.echo(f"memplan: error: {exc.format_message()}{hint}", err=True)
+            error_line(f"{exc.format_message()}{hint}")
             sys.exit(2)
         except click.ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("memplan: aborted", err=True)
-            sys.exit(1)
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("memplan: interrupted", err=True)
+            sys.exit(INTERRUPTED_EXIT)
+        except ProfileError as exc:  # a library error that no command turned into a UserError
+            error_line(str(exc))
+            sys.exit(2)
+        except SystemExit:
+            raise
+        except BrokenPipeError:  # memplan ... | head: the reader left; not an error of ours
+            sys.exit(0)
+        except MemoryError:
+            error_line("out of memory while planning (an input far too large?)")
+            sys.exit(2)
+        except RecursionError:
+            error_line("input nested too deeply to read")
+            sys.exit(2)
+        except Exception as exc:  # noqa: BLE001  the last resort: never a traceback without --debug
+            if debug:
+                raise
+            error_line(f"internal error: {type(exc).__name__}: {one_line(str(exc))}; {REPORT_HINT}")
+            sys.exit(INTERNAL_ERROR_EXIT)
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    import os
+
+    return "--debug" in argv or os.environ.get("MEMPLAN_DEBUG", "") not in ("", "0")
+
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="memplan")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error (or MEMPLAN_DEBUG=1).")
+def main(debug: bool) -> None:
     """memplan: plan the memory of fine-tuning runs before they run out of it."""
 
 
@@ -135,7 +177,7 @@ Examples:
 @click.option("--image-size", callback=parse_image_size, help="WxH in pixels. [default: 1344x1344]")
 @click.option("--max-slice-nums", type=click.IntRange(min=1), default=None,
               help="MiniCPM's slice cap per image. [default: 9; 1 for the reference setup]")
-@click.option("--audio-seconds", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--audio-seconds", type=FiniteFloat(min=0), default=0.0, show_default=True,
               help="Seconds of audio per sample.")
 @click.option("--zero-init/--no-zero-init", default=True, show_default=True,
               help="ZeRO-3 builds the model under deepspeed.zero.Init (no rank holds it whole).")
@@ -252,7 +294,7 @@ def estimate(
                 "workload": workload.model_dump(),
             },
         )
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(json_text(doc))
     else:
         render.console().print(render.estimate_view(est, title))
 
@@ -349,7 +391,7 @@ Examples:
               help="Freeze these parts of the LLM (e.g. llm.embed_tokens).")
 @click.option("--micro-batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=1800, show_default=True,
+@click.option("--timeout", "timeout_s", type=FiniteFloat(min=1), default=1800, show_default=True,
               help="Seconds before the trace is stopped.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @profiles_dir_option
@@ -361,18 +403,25 @@ def trace(model: str, precision: str, optimizer: str, grad_ckpt: bool, attn: str
     (plain PyTorch, one GPU)."""
     from planner.compare import compare_trace
     from planner.profile import load_catalog
+    from planner.trace import TraceError
 
     catalog = load_catalog(profiles_dirs)
     spec = load_model(model, catalog)
-    report = compare_trace(
-        spec, catalog, precision=precision, optimizer=optimizer, grad_ckpt=grad_ckpt, attn=attn,
-        freeze=freeze or (), micro_batch=micro_batch, seq_len=seq_len, timeout_s=timeout_s,
-        progress=None if as_json else _progress_printer(),
-    )
+    try:
+        report = compare_trace(
+            spec, catalog, precision=precision, optimizer=optimizer, grad_ckpt=grad_ckpt, attn=attn,
+            freeze=freeze or (), micro_batch=micro_batch, seq_len=seq_len, timeout_s=timeout_s,
+            progress=None if as_json else _progress_printer(),
+        )
+    except TraceError as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "killed after" in why:
+            raise UserError(f"trace stopped after --timeout {timeout_s:g} s; give it more with --timeout") from None
+        raise UserError(f"trace failed: {why}") from None
     from planner import render
 
     if as_json:
-        click.echo(json.dumps(report.as_json(), indent=2))
+        click.echo(json_text(report.as_json()))
     else:
         render.console().print(render.trace_view(report))
 

@@ -4,6 +4,8 @@ plan for, and the reference request. The edge of the flow, with `cli`.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -29,7 +31,18 @@ class UserError(click.ClickException):
     exit_code = 2
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"memplan: error: {self.format_message()}", err=True)
+        error_line(self.format_message())
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Text as one printable line: newlines and control characters escaped, long text cut."""
+    line = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def error_line(message: str) -> None:
+    """The one form a user error takes: ``memplan: error: ...`` as one line on stderr."""
+    click.echo(f"memplan: error: {one_line(message, 2000)}", err=True)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -51,21 +64,83 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def parse_size_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """A memory size with its unit (``64GiB``, ``64GB``); a bare number is refused, and so is zero
+    (a budget of nothing) except where zero means "none" (``--nvme 0``)."""
     if value is None:
         return None
     try:
-        return parse_size(value)
+        size = parse_size(value, require_unit=value.strip() not in ("0",))
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    if size == 0 and param.name not in ZERO_MEANS_NONE:
+        raise click.BadParameter("must be more than 0 bytes")
+    return size
+
+
+ZERO_MEANS_NONE = frozenset({"nvme"})
+"""Size options for which 0 is a meaningful answer ("no NVMe")."""
+
+
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses ``inf`` and ``nan`` (which Python's float() accepts and JSON
+    cannot carry)."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+MAX_IMAGE_SIDE_PX = 65_535
+"""The largest width or height JPEG, PNG decoders in practice and WebP allow (pixels); MiniCPM
+resizes far below it."""
+
+
+def parse_out_dir(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    """``--out``: a folder path. The empty string, which would silently mean the current folder, is
+    refused; ``.`` spelled out is the user's choice."""
+    if value is None:
+        return None
+    if value.strip() == "":
+        raise click.BadParameter("needs a folder name (use . for the current folder)")
+    if "\x00" in value:
+        raise click.BadParameter("a path cannot contain a NUL byte")
+    return Path(value)
+
+
+def json_text(doc: Any) -> str:
+    """Strict JSON for ``--json`` output: no NaN or Infinity, which other parsers refuse."""
+    return json.dumps(doc, indent=2, allow_nan=False)
+
+
+class PassThroughCommand(click.Command):
+    """A command whose arguments after ``--`` go unparsed to the program it runs (the ``extra``
+    parameter), while every option before ``--`` is checked, so a typo (``--gpu``) is an error
+    with "did you mean", never a trainer flag."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        tail: list[str] = []
+        if "--" in args:
+            cut = args.index("--")
+            args, tail = args[:cut], args[cut + 1:]
+        rest = super().parse_args(ctx, args)
+        ctx.params["extra"] = tuple(ctx.params.get("extra") or ()) + tuple(tail)
+        return rest
 
 
 def parse_image_size(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
     parts = value.lower().replace(" ", "").split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) < 10 and int(p) > 0 for p in parts):
         raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT in pixels, e.g. 1344x1344")
-    return int(parts[0]), int(parts[1])
+    width, height = int(parts[0]), int(parts[1])
+    if max(width, height) > MAX_IMAGE_SIDE_PX:
+        raise click.BadParameter(f"{value!r}: a side over {MAX_IMAGE_SIDE_PX} pixels")
+    return width, height
 
 
 def parse_names(ctx: click.Context, param: click.Parameter,

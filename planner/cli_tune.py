@@ -6,7 +6,6 @@ The edge of the flow: parse the request, call `search.search`, `plan.make_plan` 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -15,11 +14,15 @@ import click
 from planner.cli_common import (
     DEFAULT_MODEL,
     REFERENCE_GROUPS,
+    FiniteFloat,
+    PassThroughCommand,
     UserError,
+    json_text,
     load_model,
     make_cluster_noted,
     parse_image_size,
     parse_names,
+    parse_out_dir,
     parse_size_arg,
     profiles_dir_option,
     user_errors,
@@ -35,7 +38,7 @@ Examples:
 """
 
 
-@click.command(epilog=TUNE_EPILOG, context_settings={"ignore_unknown_options": True})
+@click.command(cls=PassThroughCommand, epilog=TUNE_EPILOG)
 @click.option("--model", default=None, help=f"Profile name, hub id or local config.json. [default: {DEFAULT_MODEL}]")
 @click.option("--gpus", default=None, help="GPUS like 2x3090, 2x8xh100, or auto. [default: auto, else 2x3090]")
 @click.option("--host-ram", callback=parse_size_arg, help="Host RAM per node, e.g. 64GiB. [default: this machine's]")
@@ -63,20 +66,20 @@ Examples:
               help="Requested slice cap per image. [default: 9; 1 for the reference setup]")
 @click.option("--min-slices", type=click.IntRange(min=1), default=None,
               help="Fewest slices the search may fall back to. [default: 1]")
-@click.option("--audio-seconds", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--audio-seconds", type=FiniteFloat(min=0), default=0.0, show_default=True)
 @click.option("--global-batch", type=click.IntRange(min=1), default=None,
               help="Samples per optimizer step, all GPUs. [default: 16, rounded up to a multiple of the GPUs]")
 @click.option("--margin", type=click.FloatRange(min=0, max=0.9), default=0.05, show_default=True,
               help="Fraction of GPU memory and host RAM kept free.")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Candidates shown.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("memplan-plan"), show_default=True,
+@click.option("--out", "out_dir", callback=parse_out_dir, default="memplan-plan", show_default=True,
               help="Folder for plan.json, the configs and the launch scripts.")
 @click.option("--force", is_flag=True, help="Overwrite the files of an earlier plan in --out.")
 @click.option("--data", default="data/train.json", show_default=True, help="Training data for the written configs.")
 @click.option("--model-path", default=None, help="Where trainers load the weights from. [default: the hub id]")
-@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--learning-rate", type=FiniteFloat(min=0, min_open=True), default=None,
               help="[default: 1e-5 full, 1e-4 LoRA]")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--epochs", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--output-dir", default="output", show_default=True, help="Where the trainer writes checkpoints.")
 @click.option("--json", "as_json", is_flag=True, help="Print candidates, the chosen plan and fixes as JSON.")
 @click.option("--launch", "launch_run", is_flag=True, help="Run the plan once written (see memplan launch).")
@@ -100,6 +103,11 @@ def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | 
     from planner.search import Constraints, Request, SearchSpace, fixes, search
     from planner.writers import write_plan_folder
 
+    if extra and not launch_run:  # before anything is searched or written
+        raise UserError(f"unexpected arguments {' '.join(extra)!r} (trainer flags go after -- with --launch)")
+    for name, value in (("--data", data), ("--output-dir", output_dir), ("--model-path", model_path)):
+        if value is not None and (value.strip() == "" or "\x00" in value):
+            raise UserError(f"{name}: needs a path (no empty text, no NUL byte)")
     catalog = load_catalog(profiles_dirs)
     notes: list[str] = []
     if model is None and train is None and freeze is None and without is None and lora_rank is None:
@@ -148,14 +156,12 @@ def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | 
     from planner import render
 
     if as_json:
-        click.echo(json.dumps(render.tune_json(result, repair, files, out_dir, seconds, notes), indent=2))
+        click.echo(json_text(render.tune_json(result, repair, files, out_dir, seconds, notes)))
     else:
         title = f"{spec.name} on {cluster.label}, host RAM {render.gib(cluster.host_ram_bytes)} per node"
         render.console().print(render.tune_view(result, repair, files, out_dir, seconds, notes, title, top))
     if chosen is None:
         raise SystemExit(1)
-    if extra and not launch_run:
-        raise UserError(f"unexpected arguments {' '.join(extra)!r} (trainer flags go after -- with --launch)")
     if launch_run or dry_run:
         from planner.cli_launch import run_plan
 

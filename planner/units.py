@@ -50,15 +50,22 @@ _SUFFIXES = {
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e([0-9]+))?\s*([a-zA-Z]*)\s*$")
 
 
-def parse_size(text: str | int) -> int:
+MAX_SIZE_BYTES = 2**60
+"""1 EiB: no GPU, host or disk a plan is made for comes near it; larger is a typo (bytes)."""
+
+
+def parse_size(text: str | int, require_unit: bool = False) -> int:
     """Parse a size such as ``24GiB``, ``24GB``, ``24576MiB``, ``1.5T`` or ``1e9`` into bytes.
 
-    A bare letter (``24G``) is binary, like ``free -h``. Raises ``ValueError`` with a message
-    fit to show a user when the text is not a non-negative size.
+    A bare letter (``24G``) is binary, like ``free -h``. With ``require_unit`` a bare number is
+    refused: ``--host-ram 64`` would mean 64 bytes. Raises ``ValueError`` with a message fit to
+    show a user when the text is not a non-negative size of at most `MAX_SIZE_BYTES`.
     """
     if isinstance(text, int):
         if text < 0:
             raise ValueError(f"size must not be negative: {text}")
+        if text > MAX_SIZE_BYTES:
+            raise ValueError(f"size {text} is over the 1 EiB memplan accepts")
         return text
     match = _SIZE_RE.match(text)
     if not match:
@@ -69,8 +76,15 @@ def parse_size(text: str | int) -> int:
     unit = _SUFFIXES.get(suffix.lower())
     if unit is None:
         raise ValueError(f"unknown size unit {suffix!r} in {text!r} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
-    value = float(number) * (10 ** int(exponent) if exponent else 1) * unit
-    return int(round(value))
+    if require_unit and suffix == "":
+        raise ValueError(f"{text.strip()!r} has no unit: write e.g. {text.strip()}GiB or {text.strip()}GB "
+                         "(a bare number would be bytes)")
+    if exponent and int(exponent) > 30 or len(number) > 30:  # beyond 1 EiB whatever the unit; no float overflow
+        raise ValueError(f"size {text.strip()!r} is over the 1 EiB memplan accepts")
+    value = int(round(float(number) * (10 ** int(exponent) if exponent else 1) * unit))
+    if value > MAX_SIZE_BYTES:
+        raise ValueError(f"size {text.strip()!r} is over the 1 EiB memplan accepts")
+    return value
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -190,7 +190,7 @@ def test_folder_never_overwrites_and_is_all_or_nothing(tmp_path: Path, monkeypat
     written = {f.name for f in files if f.text is not None}
     assert {"plan.json", "ds_config.json", "ds_config.auto.json", "training_args.json", "launch.sh"} <= written
     assert os.access(out / "launch.sh", os.X_OK)
-    assert Plan.read(out / "plan.json").model_copy(update={"files": (), "skipped": {}}) == plan
+    assert Plan.read(out / "plan.json").model_copy(update={"files": (), "skipped": {}, "file_sha256": {}}) == plan
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(ValueError, match="already there"):
         write_plan_folder(PLANS[1], out)

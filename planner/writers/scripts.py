@@ -2,14 +2,18 @@
 
 Single node: ``torchrun`` (what MiniCPM's script and HF's docs use; HF Trainer sets DeepSpeed up
 from the config). Several nodes: DeepSpeed's own launcher with a hostfile (it starts the ranks on
-every node over ssh). Every value is quoted with ``shlex.quote``; user values never meet a shell
-string unquoted.
+every node over ssh). Every word is quoted with ``shlex.quote`` except the script's own
+variables, which are `Var` objects and the only words left to expand; comments carry user text
+only through `comment_text` (control characters and newlines escaped), so a model name, path or
+data file can never become a command.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from planner.plan import Plan
 from planner.writers.formats import minicpm_flags
@@ -18,7 +22,36 @@ DEFAULT_MASTER_PORT = 29500
 """torchrun's and DeepSpeed's default rendezvous port."""
 
 
-def launcher_argv(plan: Plan, program: Sequence[str], hostfile: str = "hostfile", module: bool = False) -> list[str]:
+@dataclass(frozen=True)
+class Var:
+    """A variable the script itself defines (``PLAN_DIR``, ``DATA``, ...), expanded where the word
+    is used: ``"${NAME}"`` followed by ``suffix`` quoted as data. The only unquoted expansion a
+    written script contains; user text is never a `Var`."""
+
+    name: str
+    suffix: str = ""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", self.name):
+            raise ValueError(f"not a script variable name: {self.name!r}")
+
+    def shell(self) -> str:
+        """The word as the script writes it."""
+        return f'"${{{self.name}}}"' + (shell_quote(self.suffix) if self.suffix else "")
+
+
+Word = str | Var
+"""One argv word: data (quoted when written) or one of the script's own variables."""
+
+
+def comment_text(text: object) -> str:
+    """User text made safe for a ``#`` comment line: one line, every control character (newline,
+    carriage return, escape, NUL ...) and non-printable character written as a Python escape."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+
+
+def launcher_argv(plan: Plan, program: Sequence[Word], hostfile: Word = "hostfile",
+                  module: bool = False) -> list[Word]:
     """The launcher's argv for ``program`` (a script path and its arguments, or with ``module`` a
     module name and its arguments).
 
@@ -46,22 +79,46 @@ def _header(plan: Plan, what: str) -> list[str]:
         threads = [f'export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-$(( $(nproc) / {plan.cluster.gpus_per_node} ))}}"']
     return [
         "#!/usr/bin/env bash",
-        f"# Written by memplan tune: {what}",
-        f"# model {plan.model.name} on {plan.cluster.gpus}; plan: {plan.candidate}",
+        f"# Written by memplan tune: {comment_text(what)}",
+        f"# model {comment_text(plan.model.name)} on {comment_text(plan.cluster.gpus)}; "
+        f"plan: {comment_text(plan.candidate)}",
         f"# estimate: {plan.per_gpu_bytes / 2**30:.2f} GiB per GPU, "
-        f"{plan.host_bytes / 2**30:.2f} GiB host RAM per node; gives up: {gives}",
+        f"{plan.host_bytes / 2**30:.2f} GiB host RAM per node; gives up: {comment_text(gives)}",
         "set -euo pipefail",
         'PLAN_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
         *threads,
     ]
 
 
-def _shell_argv(argv: Sequence[str]) -> str:
-    """argv as one shell line; ``$VAR`` words stay expandable (they are ours, not the user's)."""
+def shell_quote(word: str) -> str:
+    """One word of data for bash: ``shlex.quote`` for printable text; text with a newline or any
+    other control character as ANSI-C ``$'...'`` with every such character escaped, so each word
+    stays on its line of the script and a reader sees what it holds."""
+    if all(ch.isprintable() for ch in word):
+        return shlex.quote(word)
     out = []
-    for word in argv:
-        out.append(word if word.startswith('"$') else shlex.quote(word))
-    return " \\\n    ".join(_pairs(out))
+    for ch in word:
+        if ch in "\\'":
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        elif ord(ch) < 0x10000:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    return "$'" + "".join(out) + "'"
+
+
+def shell_words(argv: Sequence[Word]) -> list[str]:
+    """Each word as the script writes it: data quoted, the script's own `Var` expanded."""
+    return [word.shell() if isinstance(word, Var) else shell_quote(word) for word in argv]
+
+
+def _shell_argv(argv: Sequence[Word]) -> str:
+    """argv as one shell command over several lines."""
+    return " \\\n    ".join(_pairs(shell_words(argv)))
 
 
 def _pairs(words: list[str]) -> list[str]:
@@ -89,10 +146,10 @@ def launch_script(plan: Plan) -> str:
     ``DATA`` (env) overrides the data file; arguments are passed on to planner.train (HF
     ``TrainingArguments`` flags such as ``--max_steps 10``).
     """
-    argv = launcher_argv(plan, ["planner.train", '"$PLAN_DIR"', "--data", '"$DATA"'], hostfile='"$HOSTFILE"',
+    argv = launcher_argv(plan, ["planner.train", Var("PLAN_DIR"), "--data", Var("DATA")], hostfile=Var("HOSTFILE"),
                          module=True)
     return _script(plan, "train with memplan's built-in HF Trainer entry point", argv,
-                   [f"DEFAULT_DATA={shlex.quote(plan.trainer.data_path)}", 'DATA="${DATA:-$DEFAULT_DATA}"'])
+                   [f"DEFAULT_DATA={shell_quote(plan.trainer.data_path)}", 'DATA="${DATA:-$DEFAULT_DATA}"'])
 
 
 def minicpm_script(plan: Plan) -> str:
@@ -102,15 +159,15 @@ def minicpm_script(plan: Plan) -> str:
     Raises:
         NotExpressible: the script cannot run this plan (see `formats.minicpm_flags`).
     """
-    flags = minicpm_flags(plan)
+    flags: list[Word] = list(minicpm_flags(plan))
     deepspeed = flags.index("--deepspeed")
-    flags[deepspeed + 1] = '"$PLAN_DIR/ds_config.json"'
-    argv = launcher_argv(plan, ['"$FINETUNE_PY"', *flags], hostfile='"$HOSTFILE"')
+    flags[deepspeed + 1] = Var("PLAN_DIR", "/ds_config.json")
+    argv = launcher_argv(plan, [Var("FINETUNE_PY"), *flags], hostfile=Var("HOSTFILE"))
     return _script(plan, "MiniCPM-o / MiniCPM-V finetune.py with this plan", argv,
                    ['FINETUNE_PY="${FINETUNE_PY:-finetune.py}"  # MiniCPM-o/finetune/finetune.py'])
 
 
-def _script(plan: Plan, what: str, argv: list[str], variables: list[str]) -> str:
+def _script(plan: Plan, what: str, argv: list[Word], variables: list[str]) -> str:
     """A launch script: the header, the script's variables, the hostfile for several nodes, then
     the command with the script's own arguments passed on."""
     lines = _header(plan, what) + variables
