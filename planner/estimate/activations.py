@@ -1,15 +1,16 @@
 """Activations and step temporaries: what one training step of a decoder LLM holds beyond the model states.
 
-Pure arithmetic (no torch, no I/O). The step is *replayed* on a byte ledger: the forward of the
-transformers model is written out op by op (transformers 5.24 ``models/<type>/modeling_<type>.py``),
-each op allocates its outputs and records an autograd node with the tensors it saves, exactly as
-the real op does; the backward then runs the nodes in reverse creation order, as the autograd
-engine does, allocating each node's gradients, releasing its saved tensors and accumulating
-gradients where a tensor feeds two consumers. Peaks are taken after every op, by phase. This is
+Pure arithmetic (no torch, no I/O). The step is *replayed* on the step tape
+(``planner.estimate.tape``: one byte ledger and one autograd replay, shared with the encoders):
+the forward of the transformers model is written out op by op (transformers 5.24
+``models/<type>/modeling_<type>.py``), each op allocates its outputs and records an autograd node
+with the tensors it saves, exactly as the real op does; the backward then runs the nodes in reverse
+creation order, as the autograd engine does. Peaks are taken after every op, by phase. This is
 more code than a closed formula, but the closed formulas (docs/activations.md) fall out of it, and
 it gets the *moment* of each peak right, which a sum of saved tensors does not: the backward
 peak is sometimes the loss backward, sometimes a decoder layer's backward, sometimes the last
-embedding gradient.
+embedding gradient. Checkpointed layers follow ``Recompute.AT_REGION`` and the tied embedding's
+two gradients ``GradSum.AFTER_ALL_USES``.
 
 Docs: docs/activations.md derives every rule and records the comparison with ``planner.trace``
 (tests/test_activations_vs_trace.py; benchmarks/accuracy.py for full-size models).
@@ -26,53 +27,42 @@ Conventions:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from planner.architectures import ProfileError, decoder_tensors
+from planner.estimate.tape import (
+    ALLOC_GRANULE_BYTES,
+    CATEGORIES,
+    EFFICIENT_LSE_ROUND,
+    FLASH_BWD_HEAD_ROUND,
+    FLASH_BWD_SEQ_ROUND,
+    FLASH_RNG_TENSORS,
+    FP32,
+    HALF,
+    INT64,
+    GradSum,
+    Param,
+    Recompute,
+    Tape,
+    Tensor,
+    block_bytes,
+    flash_backward_workspace,
+)
 from planner.options import OptimizerImpl
 
-# --------------------------------------------------------------------------------------------
-# Constants (each with where it comes from)
-# --------------------------------------------------------------------------------------------
-
-ALLOC_GRANULE_BYTES = 512
-"""Every CUDA caching-allocator block is a multiple of 512 bytes (c10/cuda/CUDACachingAllocator.cpp
-``kMinBlockSize``); torch 2.13 ``MemTracker`` rounds each storage the same way on cuda."""
-
-FP32, HALF, INT64 = 4, 2, 8
-"""Element sizes in bytes: float32; bfloat16/float16; int64 token ids."""
-
-FLASH_BWD_SEQ_ROUND = 128
-"""FlashAttention-2 backward rounds the query length to a multiple of 128 for ``dq_accum`` and
-``softmax_d`` (flash_attn ``mha_bwd``: ``seqlen_q_rounded = round_multiple(seqlen_q, 128)``; the
-same code is vendored in torch aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp)."""
-
-FLASH_BWD_HEAD_ROUND = 32
-"""... and the head dim to a multiple of 32 (``head_size_rounded``, head dims <= 192; 256 above)."""
-
-EFFICIENT_LSE_ROUND = 32
-"""Memory-efficient attention's logsumexp is [b, nh, ceil(s/32)*32] fp32
-(torch/_meta_registrations.py ``meta__scaled_dot_product_efficient_attention``)."""
-
-FLASH_RNG_TENSORS = 2
-"""sdpa flash saves ``rng_state`` (2 x uint64) and an ``unused`` 0-dim uint64 for backward
-(``_scaled_dot_product_flash_attention``); memory-efficient saves ``philox_seed`` and
-``philox_offset`` (two 0-dim int64). One 512-byte block each."""
+__all__ = [
+    "ALLOC_GRANULE_BYTES", "ATTENTIONS", "CATEGORIES", "EFFICIENT_LSE_ROUND", "FLASH_BWD_HEAD_ROUND",
+    "FLASH_BWD_SEQ_ROUND", "FLASH_RNG_TENSORS", "FP32", "HALF", "INT64", "PHASES", "PRECISIONS", "DecoderDims",
+    "StepMemory", "autocast_weight_cache_bytes", "clip_grad_norm_temporaries_bytes", "decoder_buffer_bytes",
+    "decoder_step_memory", "flash_backward_workspace", "layer_saved_bytes", "logits_loss_bytes",
+    "optimizer_step_temporaries_bytes",
+]
 
 PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "pure-bf16")
 ATTENTIONS = ("eager", "sdpa", "flash_attention_2")
 PHASES = ("forward", "backward", "optimizer")
-CATEGORIES = ("activations", "temporaries", "gradients")
-
-
-def _round(nbytes: int) -> int:
-    """Bytes one storage of ``nbytes`` occupies (0 stays 0: empty tensors own no block)."""
-    if nbytes <= 0:
-        return 0
-    return -(-nbytes // ALLOC_GRANULE_BYTES) * ALLOC_GRANULE_BYTES
-
 
 # --------------------------------------------------------------------------------------------
 # Public result
@@ -133,374 +123,6 @@ class StepMemory:
     def peak_bytes(self) -> int:
         """Bytes beyond the model states at the step's peak."""
         return self.phase_bytes(self.peak_phase)
-
-
-# --------------------------------------------------------------------------------------------
-# The ledger and a tiny autograd
-# --------------------------------------------------------------------------------------------
-
-
-class _Tape:
-    """Live bytes by category, with a reference count per storage and a peak per phase."""
-
-    def __init__(self) -> None:
-        self._size: dict[int, int] = {}
-        self._cat: dict[int, str] = {}
-        self._refs: dict[int, int] = {}
-        self._next = 0
-        self.now = dict.fromkeys(CATEGORIES, 0)
-        self.total = 0
-        self.phase = "forward"
-        self.peaks: dict[str, tuple[int, dict[str, int]]] = {}
-
-    def alloc(self, nbytes: int, cat: str) -> int:
-        h = self._next
-        self._next += 1
-        size = _round(nbytes)
-        self._size[h], self._cat[h], self._refs[h] = size, cat, 1
-        self.now[cat] += size
-        self.total += size
-        return h
-
-    def ref(self, h: int | None) -> None:
-        if h is not None:
-            self._refs[h] += 1
-
-    def unref(self, h: int | None) -> None:
-        if h is None:
-            return
-        self._refs[h] -= 1
-        if self._refs[h] == 0:
-            size, cat = self._size.pop(h), self._cat.pop(h)
-            del self._refs[h]
-            self.now[cat] -= size
-            self.total -= size
-
-    def retype(self, h: int, cat: str) -> None:
-        old = self._cat[h]
-        self.now[old] -= self._size[h]
-        self.now[cat] += self._size[h]
-        self._cat[h] = cat
-
-    def tick(self) -> None:
-        """Record the current total as the phase peak if it is at least as large (the tracer keeps
-        the last of equal peaks too)."""
-        best = self.peaks.get(self.phase)
-        if best is None or self.total >= best[0]:
-            self.peaks[self.phase] = (self.total, dict(self.now))
-
-
-@dataclass(eq=False)
-class _Param:
-    """One parameter tensor of the model (its bytes are model states, not on the tape)."""
-
-    name: str
-    numel: int
-    item: int
-    trainable: bool
-    grad: _T | None = None
-    uses: int = 0  # autograd edges into its AccumulateGrad (2 for a tied embedding / lm_head)
-    arrived: int = 0
-
-
-@dataclass(eq=False)
-class _T:
-    """A tensor: its element count and size, whether it requires grad, and its storage on the tape
-    (``None`` for parameters and for tensors that own no bytes)."""
-
-    numel: int
-    item: int
-    rg: bool
-    st: int | None = None
-    param: _Param | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.item
-
-
-@dataclass(eq=False)
-class _Node:
-    """An autograd node: the tensors whose gradients it consumes (``outs``), the tensors it sends
-    gradients to (``ins``), what it saved, and how its backward allocates (``bw``)."""
-
-    outs: list[_T]
-    ins: list[_T]
-    saved: list[_T]
-    bw: Callable[[_Sim, list[_T | None]], list[_T | None]]
-
-
-@dataclass
-class _Segment:
-    """Nodes of one region of the forward; a checkpointed decoder layer keeps what it needs to
-    recompute itself (its input and a function that replays it)."""
-
-    nodes: list[_Node] = field(default_factory=list)
-    recompute: Callable[[], _T] | None = None
-    out: _T | None = None
-    held: list[_T] = field(default_factory=list)
-
-
-def _promote(a: int, b: int) -> int:
-    """Result element size of a binary op (bf16 with fp32 gives fp32)."""
-    return max(a, b)
-
-
-class _Sim:
-    """Forward op helpers that allocate on the tape and record nodes; backward engine."""
-
-    def __init__(self, *, autocast: bool, compute_item: int) -> None:
-        self.tape = _Tape()
-        self.autocast = autocast
-        self.c = compute_item
-        self.segments: list[_Segment] = [_Segment()]
-        self.placeholder = False  # inside a checkpointed region during the original forward
-        self.recomputing = False  # replaying a checkpointed region during backward
-        self.skip_alloc = False  # checkpoint early stop: the op after the last save never runs
-        self.cache: dict[int, _T] | None = None  # autocast weight cache (id(param) -> cast)
-        self.slots: dict[int, _T] = {}
-        self.leaves: dict[int, _T | None] = {}  # non-parameter leaves that require grad -> .grad
-
-    # ---- tensors -------------------------------------------------------------------------
-    def new(self, numel: int, item: int, rg: bool = False) -> _T:
-        cat = "activations" if self.tape.phase == "forward" or self.recomputing else "temporaries"
-        if self.skip_alloc:
-            return _T(numel, item, rg)
-        t = _T(numel, item, rg, self.tape.alloc(numel * item, cat))
-        self.tape.tick()
-        return t
-
-    def alias(self, t: _T) -> _T:
-        """Another Python reference to ``t`` (a view, or the same tensor returned)."""
-        self.tape.ref(t.st)
-        return t
-
-    def view(self, g: _T | None, numel: int) -> _T | None:
-        """A view of a gradient (same storage, fewer elements)."""
-        if g is None:
-            return None
-        self.tape.ref(g.st)
-        return _T(numel, g.item, False, g.st)
-
-    def slice(self, x: _T, numel: int) -> _T:
-        """``x[..., a:b]``: a view; SliceBackward allocates a zero tensor of x's full size."""
-        out = _T(numel, x.item, x.rg, x.st)
-        self.tape.ref(x.st)
-        self.node([out], [x], [], lambda s, g, x=x: [_slice_bw(s, x, g[0])])
-        return out
-
-    def drop(self, *ts: _T | None) -> None:
-        for t in ts:
-            if t is not None:
-                self.tape.unref(t.st)
-
-    def node(self, outs: list[_T], ins: list[_T | None], saved: list[_T | None], bw) -> None:  # noqa: ANN001
-        ins_ = [t for t in ins if t is not None]
-        if not any(t.rg for t in ins_):
-            return
-        if not self.recomputing:
-            for t in ins_:
-                if t.param is not None and t.rg:
-                    t.param.uses += 1
-        kept = [] if self.placeholder else [t for t in saved if t is not None and t.st is not None]
-        for t in kept:
-            self.tape.ref(t.st)
-        self.segments[-1].nodes.append(_Node(outs, list(ins), kept, bw))
-
-    # ---- backward -------------------------------------------------------------------------
-    def grad(self, like: _T, item: int | None = None, numel: int | None = None) -> _T:
-        """A new gradient tensor (temporary) shaped like ``like``."""
-        return self.new(like.numel if numel is None else numel, like.item if item is None else item)
-
-    def run_node(self, n: _Node) -> None:
-        gouts = [self.slots.pop(id(o), None) for o in n.outs]
-        if all(g is None for g in gouts):
-            for t in n.saved:
-                self.tape.unref(t.st)
-            return
-        grads = n.bw(self, gouts)
-        for t in n.saved:
-            self.tape.unref(t.st)
-        self.drop(*gouts)
-        for t, g in zip(n.ins, grads, strict=True):
-            if g is None:
-                continue
-            if t is None or not t.rg:
-                self.drop(g)
-                continue
-            self.route(t, g)
-
-    def route(self, t: _T, g: _T) -> None:
-        """Deliver gradient ``g`` to ``t`` (the engine's validate_outputs cast, then InputBuffer
-        accumulation or AccumulateGrad)."""
-        if g.item != t.item:  # torch/csrc/autograd/engine.cpp validate_outputs: grad.to(input dtype)
-            cast = self.new(g.numel, t.item)
-            self.drop(g)
-            g = cast
-        if id(t) in self.leaves:  # a leaf activation (enable_input_require_grads): AccumulateGrad
-            if self.leaves[id(t)] is None:
-                self.leaves[id(t)] = g
-            else:
-                self.drop(g)
-            return
-        if t.param is not None:
-            # AccumulateGrad runs once all uses have delivered (a tied lm_head's gradient waits in
-            # the InputBuffer for the embedding's, then the two are summed); it steals the result.
-            p = t.param
-            p.arrived += 1
-            if p.grad is None:
-                p.grad = g
-            else:
-                merged = self.new(p.numel, p.item)
-                self.drop(p.grad, g)
-                p.grad = merged
-            if p.arrived >= p.uses and p.grad.st is not None:
-                self.tape.retype(p.grad.st, "gradients")
-            return
-        old = self.slots.get(id(t))
-        if old is None:
-            self.slots[id(t)] = g
-            return
-        merged = self.new(t.numel, t.item)  # InputBuffer::add: old + new, out of place (measured)
-        self.drop(old, g)
-        self.slots[id(t)] = merged
-
-    def backward(self, loss: _T) -> None:
-        self.tape.phase = "backward"
-        root = self.new(1, FP32)  # torch.ones_like(loss): held by backward() until it returns
-        self.slots[id(loss)] = self.alias(root)
-        for seg in reversed(self.segments):
-            nodes = seg.nodes
-            if seg.recompute is not None:
-                nodes = self._recompute(seg)
-            for n in reversed(nodes):
-                self.run_node(n)
-            self.drop(*seg.held)  # a checkpoint's inputs die with its nodes
-        self.drop(*self.leaves.values())  # the leaf dies with the graph, and its .grad with it
-        self.drop(root)
-
-    def _recompute(self, seg: _Segment) -> list[_Node]:
-        """Non-reentrant checkpoint: replay the region under the forward's autocast state, keep
-        what its ops save, stop after the last save (torch.utils.checkpoint early stop)."""
-        assert seg.recompute is not None and seg.out is not None
-        outer, self.segments = self.segments, [_Segment()]
-        self.cache = {} if self.autocast else None
-        self.recomputing = True
-        out = seg.recompute()
-        self.recomputing = False
-        self.end_autocast()
-        nodes = self.segments[0].nodes
-        self.segments = outer
-        g = self.slots.pop(id(seg.out), None)
-        if g is not None:
-            self.slots[id(out)] = g
-        self.drop(out)
-        return nodes
-
-    # ---- autocast ---------------------------------------------------------------------------
-    def end_autocast(self) -> None:
-        """Leaving the outermost autocast region clears the weight cast cache
-        (aten/src/ATen/autocast_mode.cpp ``clear_cache``)."""
-        if self.cache is not None:
-            for t in self.cache.values():
-                self.drop(t)
-        self.cache = None
-
-    def cast_weight(self, w: _T) -> _T:
-        """The compute-dtype copy of a parameter for a lower-precision op. Under autocast an fp32
-        leaf that requires grad is cast once and cached until the region ends (``cached_cast``:
-        ``arg.is_leaf() && arg.requires_grad()``); a frozen one is cast at every use."""
-        if not self.autocast or w.item == self.c:
-            return self.alias(w)
-        if w.rg and self.cache is not None:
-            hit = self.cache.get(id(w.param))
-            if hit is None:
-                hit = self.new(w.numel, self.c, rg=True)
-                self.node([hit], [w], [], lambda s, g, w=w: [s.grad(w)])
-                self.cache[id(w.param)] = hit
-            return self.alias(hit)
-        out = self.new(w.numel, self.c, rg=w.rg)
-        self.node([out], [w], [], lambda s, g, w=w: [s.grad(w)])
-        return out
-
-    def cast(self, x: _T, item: int) -> _T:
-        """``x.to(dtype)``: a copy when the dtype changes (ToCopyBackward casts the gradient back)."""
-        if x.item == item:
-            return self.alias(x)
-        out = self.new(x.numel, item, rg=x.rg)
-        self.node([out], [x], [], lambda s, g, x=x: [s.grad(x)])
-        return out
-
-    def ac_in(self, x: _T) -> _T:
-        """An activation entering a lower-precision op under autocast (cast at every use)."""
-        return self.cast(x, self.c) if self.autocast else self.alias(x)
-
-    # ---- ops ------------------------------------------------------------------------------
-    def matmul(self, x: _T, w: _T, out_numel: int, bias: _T | None = None) -> _T:
-        """``x @ w`` (mm, addmm with ``bias``, bmm): saves x if w requires grad and w if x does
-        (``mm_mat1_backward`` / ``mm_mat2_backward``); backward allocates each input's gradient
-        (the bias's is ``grad.sum(0)``)."""
-        out = self.new(out_numel, x.item, rg=x.rg or w.rg or (bias is not None and bias.rg))
-
-        def bw(s: _Sim, g: list[_T | None], x=x, w=w, bias=bias) -> list[_T | None]:
-            return [s.grad(t) if t is not None and t.rg else None for t in (x, w, bias)]
-
-        self.node([out], [x, w, bias], [x if w.rg else None, w if x.rg else None], bw)
-        return out
-
-    def mul(self, a: _T, b: _T | None, out_numel: int | None = None) -> _T:
-        """Elementwise ``a * b`` (``b`` None: a Python scalar). Saves each operand the other
-        needs; a broadcast operand's gradient is reduced (sum_to_size) from a full-size product."""
-        item = a.item if b is None else _promote(a.item, b.item)
-        numel = out_numel if out_numel is not None else max(a.numel, b.numel if b else 0)
-        rg = a.rg or (b is not None and b.rg)
-        out = self.new(numel, item, rg=rg)
-
-        def bw(s: _Sim, g: list[_T | None], a=a, b=b, numel=numel, item=item) -> list[_T | None]:
-            res: list[_T | None] = []
-            for x in (a, b):
-                if x is None or not x.rg:
-                    res.append(None)
-                    continue
-                full = s.new(numel, item)
-                if x.numel < numel:  # sum_to_size of a broadcast operand
-                    small = s.new(x.numel, item)
-                    s.drop(full)
-                    full = small
-                res.append(full)
-            return res
-
-        saved = [b if a.rg else None, a if (b is not None and b.rg) else None]
-        self.node([out], [a, b], saved, bw)
-        return out
-
-    def add(self, a: _T, b: _T) -> _T:
-        """``a + b``: saves nothing, passes the gradient to both (cast to each operand's dtype by
-        the engine)."""
-        out = _T(max(a.numel, b.numel), _promote(a.item, b.item), a.rg or b.rg)
-        if not self.skip_alloc:
-            out = self.new(out.numel, out.item, rg=out.rg)
-
-        def bw(s: _Sim, g: list[_T | None], a=a, b=b) -> list[_T | None]:
-            (go,) = g
-            return [s.alias(go) if a.rg else None, s.alias(go) if b.rg else None]
-
-        self.node([out], [a, b], [], bw)
-        return out
-
-    def unary_saving_input(self, x: _T) -> _T:
-        """silu / gelu(tanh) / exp-like ops that save their input; backward allocates one gradient
-        (``silu_backward`` / ``gelu_backward``)."""
-        out = self.new(x.numel, x.item, rg=x.rg)
-        self.node([out], [x], [x], lambda s, g, x=x: [s.grad(x)])
-        return out
-
-    def passthrough(self, x: _T, numel: int | None = None, item: int | None = None) -> _T:
-        """A new tensor whose backward just forwards (or views) the gradient: ``cat`` with an
-        empty cache tensor, ``clone``/``contiguous``."""
-        out = self.new(x.numel if numel is None else numel, x.item if item is None else item, rg=x.rg)
-        self.node([out], [x], [], lambda s, g, x=x: [s.alias(g[0])])
-        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -572,7 +194,7 @@ def _lora_ranks(params: Sequence[Any] | None) -> dict[str, int]:
 
 
 class _Decoder:
-    """One training step of a ``*ForCausalLM`` decoder, replayed on a ``_Sim``."""
+    """One training step of a ``*ForCausalLM`` decoder, replayed on a ``Tape``."""
 
     def __init__(
         self,
@@ -596,26 +218,26 @@ class _Decoder:
         self.N = micro_batch * seq_len
         self.w_item = weight_item
         self.autocast = autocast
-        self.c = HALF if (autocast or weight_item == HALF) else FP32
         self.attn = attn
         self.ckpt = grad_ckpt
         self.use_cache = use_cache and not grad_ckpt
         self.workspaces = workspaces
         self.input_requires_grad = input_requires_grad
         self.lora = lora
-        self.sim = _Sim(autocast=autocast, compute_item=self.c)
-        self.params: dict[str, _T] = {}
+        self.sim = Tape(autocast=autocast, weight_item=weight_item, recompute=Recompute.AT_REGION,
+                        grad_sum=GradSum.AFTER_ALL_USES)
+        self.params: dict[str, Tensor] = {}
         for t in decoder_tensors(cfg):
-            p = _Param(t.name, t.numel, weight_item, trainable.get(t.name, True))
-            self.params[t.name] = _T(t.numel, weight_item, p.trainable, None, p)
+            p = Param(t.name, t.numel, weight_item, trainable.get(t.name, True))
+            self.params[t.name] = Tensor(t.numel, weight_item, p.trainable, None, p)
         if dims.tied:
             self.params["lm_head.weight"] = self.params["model.embed_tokens.weight"]
         for stem, r in lora.items():
             w = self.params[stem + ".weight"]
             out_f = w.numel // self._in_features(stem)
             for suffix, numel in ((".lora_A.weight", r * self._in_features(stem)), (".lora_B.weight", out_f * r)):
-                p = _Param(stem + suffix, numel, weight_item, True)
-                self.params[stem + suffix] = _T(numel, weight_item, True, None, p)
+                p = Param(stem + suffix, numel, weight_item, True)
+                self.params[stem + suffix] = Tensor(numel, weight_item, True, None, p)
         self.a = FP32 if weight_item == FP32 else HALF  # residual stream: the embedding's dtype
 
     # ---- shapes -----------------------------------------------------------------------------
@@ -642,16 +264,18 @@ class _Decoder:
         return self.attn == "sdpa" and w is not None and self.s >= w
 
     # ---- building blocks -------------------------------------------------------------------
-    def linear(self, x: _T, stem: str, out_f: int) -> _T:
+    def linear(self, x: Tensor, stem: str, out_f: int) -> Tensor:
         """``nn.Linear`` (+ a peft LoRA adapter): under autocast the input is cast at every call,
         the weight through the cache; mm saves the input only for a trainable weight and the weight
         only when the input requires grad."""
         sim = self.sim
         w = self.params[stem + ".weight"]
         bias = self.params.get(stem + ".bias")
-        xc = sim.ac_in(x)
+        # Casts left to right (input, weight, bias), unlike Tape.linear: the order of their
+        # ToCopy nodes decides which of two equal backward peaks is recorded (docs/activations.md).
+        xc = sim.ac(x)
         wc = sim.cast_weight(w)
-        bc = sim.cast_weight(bias) if bias is not None else None
+        bc = sim.cast_weight(bias)
         out = sim.matmul(xc, wc, self.N * out_f, bc)
         sim.drop(xc, wc, bc)
         if stem in self.lora:
@@ -662,7 +286,7 @@ class _Decoder:
             # lora_B(lora_A(dropout(x))) * scaling with dropout p=0 an Identity. Under amp a bf16
             # input (o_proj's, down_proj's) goes to fp32 and back to bf16 for lora_A.
             x_l = sim.cast(x, a.item)
-            xa = sim.ac_in(x_l)
+            xa = sim.ac(x_l)
             sim.drop(x_l)
             ac = sim.cast_weight(a)
             mid = sim.matmul(xa, ac, self.N * r)
@@ -677,7 +301,7 @@ class _Decoder:
             out = res
         return out
 
-    def rmsnorm(self, x: _T, name: str, rows: int) -> _T:
+    def rmsnorm(self, x: Tensor, name: str, rows: int) -> Tensor:
         """Llama-style RMSNorm (Qwen2/Qwen3/Llama/Mistral/Phi-3 ``*RMSNorm.forward``):
         ``x32 = x.to(fp32); x32 * rsqrt(x32.pow(2).mean(-1) + eps)``, cast back to the input dtype,
         then ``weight * that`` (the weight's dtype wins the promotion). Gemma's variant multiplies
@@ -712,7 +336,7 @@ class _Decoder:
         sim.drop(yd, y, mean)  # y and variance stay bound until the function returns
         return out
 
-    def rope(self, x: _T, cos: _T, sin: _T) -> _T:
+    def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """``apply_rotary_pos_emb``: ``x * cos + rotate_half(x) * sin`` with
         ``rotate_half = cat(-x2, x1)``. cos/sin have the embedding's dtype, so under amp the
         product of a bf16 projection and fp32 cos is fp32. Phi-3 slices the rotary part and
@@ -722,8 +346,8 @@ class _Decoder:
         if phi3:  # q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:] (rotary_dim = hd)
             base = x
             x = sim.slice(base, base.numel)
-            x_pass = _T(base.numel, base.item, base.rg, None)  # empty slice: a zero-byte gradient
-            sim.node([x_pass], [base], [], lambda s, g, b=base: [_T(b.numel, b.item, False, None)])
+            x_pass = Tensor(base.numel, base.item, base.rg, None)  # empty slice: a zero-byte gradient
+            sim.node([x_pass], [base], [], lambda s, g, b=base: [Tensor(b.numel, b.item, False, None)])
         half = x.numel // 2
         t1 = sim.mul(x, cos, x.numel)
         x1, x2 = sim.slice(x, half), sim.slice(x, half)  # rotate_half: x[..., :d/2], x[..., d/2:]
@@ -731,7 +355,7 @@ class _Decoder:
         sim.node([neg], [x2], [], lambda s, g, x2=x2: [s.grad(x2)])
         rot = sim.new(x.numel, x.item, rg=x.rg)  # cat((-x2, x1)): CatBackward hands out views
 
-        def cat_bw(s: _Sim, g: list[_T | None], neg=neg, x1=x1) -> list[_T | None]:
+        def cat_bw(s: Tape, g: list[Tensor | None], neg=neg, x1=x1) -> list[Tensor | None]:
             return [s.view(g[0], neg.numel), s.view(g[0], x1.numel)]
 
         sim.node([rot], [neg, x1], [], cat_bw)
@@ -747,16 +371,15 @@ class _Decoder:
             out = full
         return out
 
-    def heads(self, proj: _T) -> _T:
+    def heads(self, proj: Tensor) -> Tensor:
         """``proj.view(b, s, heads, hd).transpose(1, 2)``: a view; its backward reshapes the
         transposed gradient, which copies (``ViewBackward`` of a non-contiguous gradient)."""
         sim = self.sim
-        out = _T(proj.numel, proj.item, proj.rg, proj.st)
-        sim.tape.ref(proj.st)
+        out = Tensor(proj.numel, proj.item, proj.rg, sim.alias(proj).st)
         sim.node([out], [proj], [], lambda s, g, p=proj: [s.grad(p)])
         return out
 
-    def attention_core(self, q: _T, k: _T, v: _T, mask: _T | None) -> tuple[_T, _T | None]:
+    def attention_core(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The attention kernel; returns the [b, s, nh*hd] input of o_proj and the attention
         weights the module returns (eager only)."""
         d, sim = self.d, self.sim
@@ -769,7 +392,7 @@ class _Decoder:
         else:
             k, v = sim.alias(k), sim.alias(v)
         # CUDA autocast lists sdpa as lower precision; transformers' FA2 path casts fp32 inputs too.
-        qc, kc, vc = sim.ac_in(q), sim.ac_in(k), sim.ac_in(v)
+        qc, kc, vc = sim.ac(q), sim.ac(k), sim.ac(v)
         sim.drop(k, v)
         if self.attn == "flash_attention_2" or (qc.item == HALF and mask is None and d.head_dim <= 256):
             out = self._flash(qc, kc, vc)
@@ -777,7 +400,7 @@ class _Decoder:
                 # The flash output copies the query's layout (mha_fwd: empty_like(q)); Phi-3's
                 # query comes out of a cat, laid out [b, nh, s, hd], so transpose(1, 2).contiguous()
                 # copies it for o_proj. Other models' queries keep q_proj's [b, s, nh, hd] layout.
-                copy = sim.passthrough(out)
+                copy = sim.clone(out)
                 sim.drop(out)
                 out = copy
         elif not gqa:
@@ -787,31 +410,17 @@ class _Decoder:
         sim.drop(qc, kc, vc)
         return out, None
 
-    def _flash(self, q: _T, k: _T, v: _T) -> _T:
+    def _flash(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Flash attention (sdpa's ``_scaled_dot_product_flash_attention`` or FA2): saves q, k, v,
         the output and an fp32 logsumexp [b, nh, s]; its output is laid out [b, s, nh, hd], so
         o_proj reads it without a copy. Backward: dq, dk, dv, plus the kernel's fp32 dq
         accumulator and softmax_d and, under GQA, full-head dk/dv before the reduction (real GPU
         allocations a meta kernel cannot show; counted when ``workspaces``)."""
-        d, sim = self.d, self.sim
-        out = sim.new(self.N * self.q_dim, q.item, rg=q.rg or k.rg or v.rg)
-        lse = sim.new(self.b * d.heads * self.s, FP32)
-        rng = [sim.new(1, INT64) for _ in range(FLASH_RNG_TENSORS)]
+        d = self.d
+        ws = flash_backward_workspace(self.b, self.s, d.heads, d.kv_heads, d.head_dim, q.item)
+        return self.sim.attention(q, k, v, self.b * d.heads * self.s, workspace=ws if self.workspaces else ())
 
-        def bw(s: _Sim, g: list[_T | None], q=q, k=k, v=v) -> list[_T | None]:
-            scratch = []
-            if self.workspaces:
-                for numel, item in flash_backward_workspace(self.b, self.s, d.heads, d.kv_heads, d.head_dim, q.item):
-                    scratch.append(s.new(numel, item))
-            grads = [s.grad(q), s.grad(k), s.grad(v)]
-            s.drop(*scratch)
-            return grads
-
-        sim.node([out], [q, k, v], [q, k, v, out, lse, *rng], bw)
-        sim.drop(lse, *rng)
-        return out
-
-    def _efficient(self, q: _T, k: _T, v: _T, mask: _T | None) -> _T:
+    def _efficient(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Memory-efficient attention (``_scaled_dot_product_efficient_attention``; fp32 without
         GQA, or with a mask): saves q, k, v, the output, a [b, nh, ceil(s/32)*32] fp32 logsumexp,
         the philox seed/offset and the bias (the mask, converted to the query dtype, padded to a
@@ -821,27 +430,16 @@ class _Decoder:
         if mask is not None:
             padded = -(-self.s // 16) * 16
             bias = sim.new(self.b * self.s * padded, q.item)  # where(mask, 0, -inf) then pad
-        out = sim.new(self.N * self.q_dim, q.item, rg=q.rg or k.rg or v.rg)
         lse_len = -(-self.s // EFFICIENT_LSE_ROUND) * EFFICIENT_LSE_ROUND
-        lse = sim.new(self.b * d.heads * lse_len, FP32)
-        seeds = [sim.new(1, INT64), sim.new(1, INT64)]
-        sim.node(
-            [out],
-            [q, k, v],
-            [q, k, v, out, lse, bias, *seeds],
-            lambda s, g, q=q, k=k, v=v: [s.grad(q), s.grad(k), s.grad(v)],
-        )
-        sim.drop(lse, bias, *seeds)
+        out = sim.attention(q, k, v, self.b * d.heads * lse_len, bias=bias)
+        sim.drop(bias)
         return out
 
-    def _repeat_kv(self, x: _T) -> _T:
+    def _repeat_kv(self, x: Tensor) -> Tensor:
         """``repeat_kv``: expand + reshape copies the kv heads up to nh heads; backward sums them."""
-        sim, rep = self.sim, self.d.heads // self.d.kv_heads
-        out = sim.new(x.numel * rep, x.item, rg=x.rg)
-        sim.node([out], [x], [], lambda s, g, x=x: [s.grad(x)])
-        return out
+        return self.sim.repeat(x, x.numel * (self.d.heads // self.d.kv_heads))
 
-    def _math(self, q: _T, k: _T, v: _T, mask: _T | None) -> _T:
+    def _math(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """sdpa's math fallback (``_scaled_dot_product_attention_math``; fp32 with GQA): q and k
         scaled by sqrt(scale), k/v repeated to nh heads (``repeat_interleave``), an fp32 causal
         mask [s, s] built from ``ones.tril``, scores, ``scores + mask``, ``_safe_softmax`` (saved),
@@ -857,18 +455,17 @@ class _Decoder:
         ks = sim.mul(kr, None)
         scores = sim.matmul(qs, ks, S)
         sim.drop(ks)  # the scaled key is a temporary; the scaled query stays bound (q_) until return
-        masked = sim.add(scores, _T(fmask.numel, fmask.item, False, None))
+        masked = sim.add(scores, Tensor(fmask.numel, fmask.item, False, None))
         sim.drop(scores)
-        probs = sim.new(S, masked.item, rg=masked.rg)
-        sim.node([probs], [masked], [probs], lambda s, g, m=masked: [s.grad(m)])
+        probs = sim.softmax(masked, masked.item)
         sim.drop(masked)
         o = sim.matmul(probs, vr, self.N * self.q_dim)
         sim.drop(probs, vr, kr, fmask, qs)
-        out = sim.passthrough(o)  # transpose(1, 2).contiguous()
+        out = sim.clone(o)  # transpose(1, 2).contiguous()
         sim.drop(o)
         return out
 
-    def _eager(self, q: _T, k: _T, v: _T, mask: _T | None) -> tuple[_T, _T]:
+    def _eager(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """``eager_attention_forward``: repeat_kv, ``q @ k^T`` (autocast casts both), ``* scaling``,
         ``+ mask`` (an fp32 mask promotes bf16 scores to fp32), ``softmax(dtype=fp32)`` (saved;
         a 16-bit input is converted first), ``.to(query.dtype)`` (a no-op under amp, where the
@@ -879,29 +476,27 @@ class _Decoder:
         S = self.b * d.heads * self.s * self.s
         kr = self._repeat_kv(k) if d.kv_heads != d.heads else sim.alias(k)
         vr = self._repeat_kv(v) if d.kv_heads != d.heads else sim.alias(v)
-        kc, qc = sim.ac_in(kr), sim.ac_in(q)
+        kc, qc = sim.ac(kr), sim.ac(q)
         raw = sim.matmul(qc, kc, S)
         sim.drop(kc, qc)
         scores = sim.mul(raw, None)
         sim.drop(raw)
         if mask is not None:
-            masked = sim.add(scores, _T(mask.numel, mask.item, False, None))
+            masked = sim.add(scores, Tensor(mask.numel, mask.item, False, None))
             sim.drop(scores)
             scores = masked
-        src = sim.cast(scores, FP32)
-        probs = sim.new(S, FP32, rg=src.rg)
-        sim.node([probs], [src], [probs], lambda s, g, x=src: [s.grad(x)])
-        sim.drop(src)
+        probs = sim.softmax(scores, FP32)
         weights = sim.cast(probs, q.item)
         sim.drop(probs, scores)  # attn_weights rebinds: the masked scores go
-        pc, vc = sim.ac_in(weights), sim.ac_in(vr)
+        pc, vc = sim.ac(weights), sim.ac(vr)
         o = sim.matmul(pc, vc, self.N * self.q_dim)
         sim.drop(pc, vc, vr, kr)
-        out = sim.passthrough(o)  # attn_output.transpose(1, 2).contiguous()
+        out = sim.clone(o)  # attn_output.transpose(1, 2).contiguous()
         sim.drop(o)
         return out, weights
 
-    def attention(self, x: _T, i: int, cos: _T, sin: _T, mask: _T | None) -> tuple[_T, _T | None]:
+    def attention(self, x: Tensor, i: int, cos: Tensor, sin: Tensor,
+                  mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``*Attention.forward``: projections, (Qwen3) q/k norms, RoPE, the KV cache's copies,
         the kernel and o_proj."""
         d, sim = self.d, self.sim
@@ -928,35 +523,24 @@ class _Decoder:
         ke = self.rope(k, cos, sin)
         sim.drop(k)
         if self.use_cache:  # DynamicLayer.update: cat([empty, new]) copies keys and values
-            kk, vv = sim.passthrough(ke), sim.passthrough(v)
+            kk, vv = sim.clone(ke), sim.clone(v)
             sim.drop(ke, v)
             ke, v = kk, vv
-            self.cache_keep += [ke, v]
-            sim.tape.ref(ke.st)
-            sim.tape.ref(v.st)
+            self.cache_keep += [sim.alias(ke), sim.alias(v)]
         o_in, weights = self.attention_core(qe, ke, v, mask)
         sim.drop(qe, ke, v)
         out = self.linear(o_in, f"{p}.o_proj", d.hidden)
         sim.drop(o_in)
         return out, weights
 
-    def mlp(self, x: _T, i: int) -> _T:
+    def mlp(self, x: Tensor, i: int) -> Tensor:
         """Gated MLP: ``down(act(gate(x)) * up(x))``; Phi-3 computes gate and up in one matmul and
         ``chunk``s it (SplitBackward concatenates the two gradients into one full-size tensor)."""
         d, sim = self.d, self.sim
         p = f"model.layers.{i}.mlp"
-        inter = self.N * d.intermediate
         if d.model_type == "phi3":
             gu = self.linear(x, f"{p}.gate_up_proj", 2 * d.intermediate)
-            gate = _T(inter, gu.item, gu.rg, gu.st)
-            up = _T(inter, gu.item, gu.rg, gu.st)
-            sim.tape.ref(gu.st)
-            sim.tape.ref(gu.st)
-
-            def split_bw(s: _Sim, g: list[_T | None], gu=gu) -> list[_T | None]:
-                return [s.grad(gu)]
-
-            sim.node([gate, up], [gu], [], split_bw)
+            gate, up = sim.split(gu, 2)
             sim.drop(gu)
             act = sim.unary_saving_input(gate)
             prod = sim.mul(up, act)
@@ -972,10 +556,10 @@ class _Decoder:
         sim.drop(prod)
         return out
 
-    def layer(self, x: _T, i: int, cos: _T, sin: _T, mask: _T | None, early_stop: bool = False) -> _T:
-        """``*DecoderLayer.forward`` (pre-norm residual blocks). ``early_stop``: a checkpoint
-        recomputation, which stops after the last op that saves a tensor (torch.utils.checkpoint
-        ``_checkpoint_early_stop``), so the final residual add never allocates."""
+    def layer(self, x: Tensor, i: int, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        """``*DecoderLayer.forward`` (pre-norm residual blocks). A checkpoint recomputation stops
+        after the last op that saves a tensor (torch.utils.checkpoint ``_checkpoint_early_stop``),
+        so its final residual add never allocates."""
         sim = self.sim
         p = f"model.layers.{i}"
         h = self.rmsnorm(x, f"{p}.input_layernorm.weight", self.N)
@@ -986,23 +570,18 @@ class _Decoder:
         h2 = self.rmsnorm(mid, f"{p}.post_attention_layernorm.weight", self.N)
         m = self.mlp(h2, i)
         sim.drop(h2)
-        sim.skip_alloc = early_stop
+        sim.early_stop()
         out = sim.add(mid, m)
-        sim.skip_alloc = False
         sim.drop(mid, m, weights)
         return out
 
     # ---- the step ----------------------------------------------------------------------------
-    def forward(self) -> tuple[_T, int]:
+    def forward(self) -> tuple[Tensor, int]:
         """Forward with labels under the precision's autocast, then what HF Trainer does with the
         outputs (accelerate's fp32 upcast under amp, then drop). Returns the loss and the bytes
         held for backward."""
         d, sim = self.d, self.sim
-        if self.autocast:
-            sim.cache = {}
-        emb_w = self.params["model.embed_tokens.weight"]
-        emb = sim.new(self.N * d.hidden, self.w_item, rg=emb_w.rg)
-        sim.node([emb], [emb_w], [], lambda s, g, w=emb_w: [s.grad(w)])  # embedding_dense_backward
+        emb = sim.embedding(self.params["model.embed_tokens.weight"], self.N * d.hidden)
         if d.model_type == "gemma":  # GemmaTextScaledWordEmbedding: * embed_scale
             scaled = sim.mul(emb, None)
             sim.drop(emb)
@@ -1010,10 +589,9 @@ class _Decoder:
         if self.input_requires_grad and not emb.rg:
             # PreTrainedModel.enable_input_require_grads: a forward hook on the input embeddings
             # calls output.requires_grad_(True) (peft and TRL do it for LoRA with checkpointing)
-            emb.rg = True
-            sim.leaves[id(emb)] = None
+            sim.make_leaf(emb)
         inputs_embeds = emb
-        self.cache_keep: list[_T] = []
+        self.cache_keep: list[Tensor] = []
         mask = None
         if self.mask_needed():
             # masking_utils: a bool [b, 1, s, s] (expanded), turned into a float mask of the
@@ -1029,18 +607,8 @@ class _Decoder:
         sin = sim.new(self.s * d.head_dim, self.a)
         x = sim.alias(inputs_embeds)
         for i in range(d.layers):
-            if self.ckpt:
-                # the checkpoint keeps the layer's inputs: hidden states, cos/sin, the mask
-                seg = _Segment(held=[sim.alias(t) for t in (x, cos, sin, mask, pos) if t is not None])
-                sim.segments.append(seg)
-                sim.placeholder = True
-                out = self.layer(x, i, cos, sin, mask)
-                sim.placeholder = False
-                seg.out = out
-                seg.recompute = self._replay(x, i, cos, sin, mask)
-                sim.segments.append(_Segment())
-            else:
-                out = self.layer(x, i, cos, sin, mask)
+            # a checkpointed layer keeps its inputs: hidden states, cos/sin, the mask (and position ids)
+            out = sim.checkpoint(lambda t, i=i: self.layer(t, i, cos, sin, mask), x, (cos, sin, mask, pos), self.ckpt)
             sim.drop(x)
             x = out
         hn = self.rmsnorm(x, "model.norm.weight", self.N)
@@ -1054,21 +622,17 @@ class _Decoder:
             up = sim.new(logits.numel, FP32)
             sim.drop(up)
         sim.drop(logits, *self.cache_keep)  # HF Trainer drops the outputs
-        held = sim.tape.now["activations"] + sim.tape.now["temporaries"]
+        held = sim.ledger.now["activations"] + sim.ledger.now["temporaries"]
         return loss, held
 
-    def _replay(self, x: _T, i: int, cos: _T, sin: _T, mask: _T | None) -> Callable[[], _T]:
-        return lambda: self.layer(x, i, cos, sin, mask, early_stop=True)
-
-    def loss(self, logits: _T) -> _T:
+    def loss(self, logits: Tensor) -> Tensor:
         """``ForCausalLMLoss`` (transformers/loss/loss_utils.py): ``logits.float()``, labels padded
         and shifted, ``cross_entropy`` = ``log_softmax`` (saved) + ``nll_loss``."""
         sim = self.sim
         lf = sim.cast(logits, FP32)
         labels = sim.new(self.b * (self.s + 1), INT64)  # nn.functional.pad(labels, (0, 1))
         target = sim.new(self.N, INT64) if self.b > 1 else sim.alias(labels)  # [..., 1:].contiguous()
-        lsm = sim.new(lf.numel, FP32, rg=lf.rg)
-        sim.node([lsm], [lf], [lsm], lambda s, g, lf=lf: [s.grad(lf)])  # _log_softmax_backward_data
+        lsm = sim.softmax(lf, FP32)  # log_softmax saves its output too (_log_softmax_backward_data)
         loss = sim.new(1, FP32, rg=lsm.rg)
         weight = sim.new(1, FP32)  # nll_loss total_weight
         sim.node([loss], [lsm], [lsm, target, weight], lambda s, g, lsm=lsm: [s.grad(lsm)])  # nll_loss_backward
@@ -1076,7 +640,8 @@ class _Decoder:
         return loss
 
 
-def _pow_bw(s: _Sim, x: _T) -> list[_T | None]:
+
+def _pow_bw(s: Tape, x: Tensor) -> list[Tensor | None]:
     """``pow_backward``: ``grad * 2 * x.pow(1)``: two full-size intermediates and the result."""
     a, b = s.new(x.numel, x.item), s.new(x.numel, x.item)
     out = s.new(x.numel, x.item)
@@ -1084,35 +649,13 @@ def _pow_bw(s: _Sim, x: _T) -> list[_T | None]:
     return [out]
 
 
-def _rsqrt_bw(s: _Sim, v: _T) -> list[_T | None]:
+def _rsqrt_bw(s: Tape, v: Tensor) -> list[Tensor | None]:
     """``rsqrt`` backward: ``-0.5 * result.pow(3) * grad``."""
     a, b = s.new(v.numel, v.item), s.new(v.numel, v.item)
     out = s.new(v.numel, v.item)
     s.drop(a, b)
     return [out]
 
-
-def _slice_bw(s: _Sim, base: _T, g: _T | None) -> _T | None:
-    """``slice_backward``: a zero tensor of the base's full size with the slice copied in."""
-    if g is None or not base.rg:
-        return None
-    return s.new(base.numel, g.item)
-
-
-def flash_backward_workspace(
-    b: int, s: int, heads: int, kv_heads: int, head_dim: int, item: int
-) -> list[tuple[int, int]]:
-    """Scratch tensors (elements, bytes per element) FlashAttention-2's backward allocates besides
-    dq/dk/dv (flash_attn ``mha_bwd``, vendored in torch's flash_api.cpp): ``dq_accum`` fp32
-    [b, ceil128(s), nh, ceil32(hd)], ``softmax_d`` fp32 [b, nh, ceil128(s)] and, under GQA,
-    ``dk_expanded`` / ``dv_expanded`` [b, s, nh, hd] before they are summed over each group. A meta
-    kernel shows none of them, so the tracer cannot."""
-    srow = -(-s // FLASH_BWD_SEQ_ROUND) * FLASH_BWD_SEQ_ROUND
-    hdr = -(-head_dim // FLASH_BWD_HEAD_ROUND) * FLASH_BWD_HEAD_ROUND if head_dim <= 192 else 256
-    out = [(b * srow * heads * hdr, FP32), (b * heads * srow, FP32)]
-    if kv_heads != heads:
-        out += [(b * s * heads * head_dim, item)] * 2
-    return out
 
 
 def logits_loss_bytes(vocab: int, tokens: int, precision: str) -> tuple[int, int]:
@@ -1125,8 +668,8 @@ def logits_loss_bytes(vocab: int, tokens: int, precision: str) -> tuple[int, int
     ``_log_softmax_backward_data``'s: 12 B (trace-notes, measured)."""
     c = FP32 if precision == "fp32" else HALF
     n = tokens * vocab
-    fwd = _round(n * c) + (_round(n * FP32) if c != FP32 else 0) + _round(n * FP32)
-    return fwd, 3 * _round(n * FP32)
+    fwd = block_bytes(n * c) + (block_bytes(n * FP32) if c != FP32 else 0) + block_bytes(n * FP32)
+    return fwd, 3 * block_bytes(n * FP32)
 
 
 def autocast_weight_cache_bytes(params: Sequence[Any]) -> int:
@@ -1139,7 +682,7 @@ def autocast_weight_cache_bytes(params: Sequence[Any]) -> int:
     total = 0
     for p in params:
         if p.trainable and p.tensor.kind in (TensorKind.LINEAR, TensorKind.BIAS):
-            total += _round(p.tensor.numel * HALF)
+            total += block_bytes(p.tensor.numel * HALF)
     return total
 
 
@@ -1166,8 +709,8 @@ def decoder_buffer_bytes(cfg: Mapping[str, Any], weight_item: int = FP32) -> int
     ``original_inv_freq`` ([hd/2] fp32, converted with the module), and Gemma's ``embed_scale``
     (0-dim). Non-persistent, so they are not in the parameter inventory; constant all step."""
     dims = DecoderDims.from_config(cfg)
-    rotary = 2 * _round((dims.head_dim // 2) * weight_item)
-    return rotary + (_round(weight_item) if dims.model_type == "gemma" else 0)
+    rotary = 2 * block_bytes((dims.head_dim // 2) * weight_item)
+    return rotary + (block_bytes(weight_item) if dims.model_type == "gemma" else 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1181,7 +724,7 @@ def clip_grad_norm_temporaries_bytes(n_grads: int) -> int:
     coefficient then multiplies in place."""
     if n_grads == 0:
         return 0
-    return n_grads * _round(FP32) + _round(n_grads * FP32) + _round(FP32)
+    return n_grads * block_bytes(FP32) + block_bytes(n_grads * FP32) + block_bytes(FP32)
 
 
 def optimizer_step_temporaries_bytes(
@@ -1202,16 +745,16 @@ def optimizer_step_temporaries_bytes(
     if impl is OptimizerImpl.TORCH_ADAMW_FOREACH:
         # _multi_tensor_adamw: exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs), a full copy of
         # the second moments, alive until _foreach_addcdiv_ has used it.
-        return sum(_round(n * param_item) for n in trainable_numels)
+        return sum(block_bytes(n * param_item) for n in trainable_numels)
     if impl is OptimizerImpl.TORCH_ADAMW_FORLOOP:
         # _single_tensor_adamw: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps): the
         # sqrt and the quotient of tensor i, while ``denom`` still holds tensor i-1's (measured).
-        return _consecutive_peak([_round(n * param_item) for n in trainable_numels], 2)
+        return _consecutive_peak([block_bytes(n * param_item) for n in trainable_numels], 2)
     if impl is OptimizerImpl.HF_ADAFACTOR:
         # update = grad**2 + eps (pow and sum alive together) while ``update`` still holds the
         # previous tensor's; a 16-bit parameter adds its fp32 grad and fp32 data copies.
         per = 2 if param_item == FP32 else 4
-        return _consecutive_peak([_round(n * FP32) for n in trainable_numels], per)
+        return _consecutive_peak([block_bytes(n * FP32) for n in trainable_numels], per)
     # fused AdamW (torch._fused_adamw_), DeepSpeed FusedAdam / CPU Adam, bitsandbytes 8-bit and
     # SGD with momentum update in place.
     return 0
@@ -1335,18 +878,19 @@ def decoder_step_memory(
     )
     sim = dec.sim
     loss, held = dec.forward()
-    sim.backward(loss)
-    sim.drop(loss)
-    fwd = sim.tape.peaks["forward"][1]
-    bwd = sim.tape.peaks.get("backward", (0, dict.fromkeys(CATEGORIES, 0)))[1]
+    sim.ledger.phase = "backward"
+    root = sim.new(1, FP32)  # torch.ones_like(loss): held by backward() until it returns
+    sim.backward(loss, sim.alias(root))
+    sim.drop(root, loss)
+    fwd, bwd = sim.ledger.peak("forward"), sim.ledger.peak("backward")
 
     trained = {id(t.param): t for t in dec.params.values() if t.param is not None and t.param.trainable}
-    sizes = [_round(t.nbytes) for t in trained.values()]
+    sizes = [block_bytes(t.nbytes) for t in trained.values()]
     opt_grads = sum(sizes)
     clip = clip_grad_norm_temporaries_bytes(len(sizes)) if max_grad_norm else 0
     step = optimizer_step_temporaries_bytes(optimizer_impl, [t.numel for t in trained.values()], w_item)
     opt_tmp = max(clip, step)
-    inputs = 2 * _round(micro_batch * seq_len * INT64)
+    inputs = 2 * block_bytes(micro_batch * seq_len * INT64)
     mem = {
         "forward": fwd["activations"] + fwd["temporaries"] + fwd["gradients"],
         "backward": bwd["activations"] + bwd["temporaries"] + bwd["gradients"],
