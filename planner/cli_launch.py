@@ -44,23 +44,27 @@ def launch_options(fn: Callable) -> Callable:
 
 def run_plan(out_dir: Path, target: str, script: Path | None, hostfile: Path | None, data: str | None,
              max_retries: int, dry_run: bool, extra: tuple[str, ...]) -> int:
-    """Launch (or print) the plan in ``out_dir``; the exit status to return."""
-    from planner.launch import Target, command, exit_status, launch
-    from planner.launch import dry_run as print_command
-    from planner.plan import Plan
+    """Launch (or print) the plan in ``out_dir``; the exit status to return: the last run's.
 
-    plan_json = out_dir / "plan.json"
-    if not plan_json.is_file():
-        raise UserError(f"{out_dir}: no plan.json (write one with memplan tune --out {out_dir})")
+    Everything a run needs is checked before anything starts (`launch.readiness`); a real launch
+    stops at the first problem, a dry run prints the command and warns of each.
+    """
+    from planner.errors import ProfileError
+    from planner.launch import Target, command, exit_status, launch, read_plan, readiness
+    from planner.launch import dry_run as print_command
+
     try:
-        plan = Plan.read(plan_json)
-    except ValueError as exc:
-        raise UserError(f"{plan_json}: not a readable plan ({str(exc).splitlines()[0]})") from None
-    if dry_run:
-        print_command(command(out_dir, plan, Target(target), script, hostfile, data, extra), click.echo)
-        return 0
-    attempts = launch(out_dir, Target(target), script=script, hostfile=hostfile, data=data, extra=extra,
-                      max_retries=max_retries, echo=lambda line: click.echo(line))
+        if dry_run:
+            plan = read_plan(out_dir)
+            cmd = command(out_dir, plan, Target(target), script, hostfile, data, extra)
+            for problem in readiness(out_dir, plan, Target(target), cmd, hostfile, data):
+                click.echo(f"memplan: warning: a launch would stop here: {problem}", err=True)
+            print_command(cmd, click.echo)
+            return 0
+        attempts = launch(out_dir, Target(target), script=script, hostfile=hostfile, data=data, extra=extra,
+                          max_retries=max_retries, echo=lambda line: click.echo(line))
+    except ProfileError as exc:
+        raise UserError(str(exc)) from None
     return exit_status(attempts)
 
 

@@ -151,7 +151,7 @@ def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | 
         lr = learning_rate or (LORA_LEARNING_RATE if chosen.options.lora else FULL_LEARNING_RATE)
         trainer = TrainerSettings(data_path=data, output_dir=output_dir, learning_rate=lr, num_train_epochs=epochs)
         plan = make_plan(spec, model_path, cluster, chosen, result.global_batch, request, constraints, trainer,
-                         tuple(notes))
+                         tuple(notes), space=space)
         files = write_plan_folder(plan, out_dir, force=force)
     from planner import render
 

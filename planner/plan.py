@@ -8,16 +8,18 @@ request.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from planner.errors import ProfileError
 from planner.estimate.states import ZeroSettings
 from planner.hardware import Cluster
 from planner.options import Engine, TrainingOptions, ZeroStage
-from planner.profile import ModelSpec
-from planner.search import Candidate, Constraints, GiveUp, Request
+from planner.profile import GpuSpec, GroupProfile, ModelProfile, ModelSpec, build_model
+from planner.search import Candidate, Constraints, GiveUp, Request, SearchSpace
 from planner.workload import Origin, Workload, trainable_inventory
 
 PLAN_VERSION = 1
@@ -28,6 +30,10 @@ finetune_ds.sh uses 1e-6 for its 8-GPU batch."""
 
 LORA_LEARNING_RATE = 1e-4
 """LoRA learning rate: LLaMA-Factory's LoRA-SFT examples (1e-4)."""
+
+MAX_PLAN_BYTES = 16 * 2**20
+"""A plan.json memplan writes is tens of KiB (the model's profile included); a file larger than
+16 MiB is not a plan, and is not read whole to find that out (bytes)."""
 
 
 class ModelRef(BaseModel):
@@ -42,6 +48,13 @@ class ModelRef(BaseModel):
     hidden_size: int | None = None
     model_type: str | None = None
     """The LLM's model_type (``qwen2``...): picks the chat template of the trainers."""
+    profile: ModelProfile | None = None
+    """The model's profile as planned (shipped or from ``--profiles-dir``), so that a re-plan after
+    an out-of-memory failure rebuilds exactly this model, on any machine, with no profile folder;
+    None for a model read from a config.json (see `config`) and in plans of older memplans."""
+    config: str | None = None
+    """The config.json a model without a profile was read from, absolute (its folder holds the
+    weights the trainers load, so a re-plan reads it there)."""
 
 
 class ClusterRef(BaseModel):
@@ -55,6 +68,9 @@ class ClusterRef(BaseModel):
     gpus_per_node: int = Field(gt=0)
     gpu_memory_bytes: int = Field(gt=0)
     host_ram_bytes: int = Field(gt=0)
+    gpu_spec: GpuSpec | None = None
+    """The GPU's profile as planned, so that a re-plan needs no profile folder (a user GPU from
+    ``--profiles-dir``, a plan folder moved to another machine); None in plans of older memplans."""
 
     @property
     def world_size(self) -> int:
@@ -65,7 +81,18 @@ class ClusterRef(BaseModel):
     def of(cls, cluster: Cluster) -> ClusterRef:
         """From a `Cluster`."""
         return cls(gpus=cluster.label, gpu=cluster.gpu.name, nodes=cluster.nodes, gpus_per_node=cluster.gpus_per_node,
-                   gpu_memory_bytes=cluster.gpu_memory_bytes, host_ram_bytes=cluster.host_ram_bytes)
+                   gpu_memory_bytes=cluster.gpu_memory_bytes, host_ram_bytes=cluster.host_ram_bytes,
+                   gpu_spec=cluster.gpu if _strict_json(cluster.gpu) else None)
+
+    def to_cluster(self) -> Cluster:
+        """The `Cluster` planned for, from the recorded GPU profile.
+
+        Raises:
+            ProfileError: the plan records no GPU profile (a plan of an older memplan).
+        """
+        if self.gpu_spec is None:
+            raise ProfileError(f"the plan records no profile of its GPU {self.gpu!r} (written by an older memplan)")
+        return Cluster(self.gpu_spec, self.nodes, self.gpus_per_node, self.gpu_memory_bytes, self.host_ram_bytes)
 
 
 class GroupPlan(BaseModel):
@@ -80,6 +107,35 @@ class GroupPlan(BaseModel):
     training: str
     """``full`` (every tensor trains), ``partial`` (some parts do), ``lora`` (adapters, the base
     frozen), ``frozen``."""
+
+
+def profile_of(model: ModelSpec) -> ModelProfile | None:
+    """The profile that builds exactly ``model`` (each group from its kind and config, tensor for
+    tensor), or None when its tensors came from elsewhere (a config.json traced on the meta device)."""
+    try:
+        profile = ModelProfile(name=model.name, hf_id=model.hf_id, source=model.source,
+                               groups=tuple(GroupProfile(name=g.name, kind=g.kind, config=g.config)
+                                            for g in model.groups))
+        rebuilt = build_model(profile, check_counts=False)
+    except (ValueError, TypeError, KeyError, ArithmeticError):  # ProfileError, ValidationError...: not a profile's
+        return None
+    return profile if rebuilt.groups == model.groups and _strict_json(profile) else None
+
+
+def _strict_json(spec: BaseModel) -> bool:
+    """Whether ``spec`` goes into plan.json, which is strict JSON: a user profile may hold an
+    infinite or NaN float (TOML has ``inf`` and ``nan``), which JSON cannot say."""
+    try:
+        json.dumps(spec.model_dump(mode="json"), allow_nan=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _config_path(model: ModelSpec) -> str | None:
+    """The config.json a traced model was read from (its ``source``), absolute; None otherwise."""
+    path = Path(model.source)
+    return str(path.resolve()) if path.name.endswith(".json") and path.is_file() else None
 
 
 def group_plans(model: ModelSpec, options: TrainingOptions) -> tuple[GroupPlan, ...]:
@@ -122,7 +178,7 @@ class TrainerSettings(BaseModel):
     """What the trainers need beyond memory: data, output, schedule. Not searched; the user may
     pass them to `memplan tune` and edit them in the written files."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # JSON has no inf/NaN
 
     data_path: str = "data/train.json"
     """The training data (MiniCPM-style JSON/JSONL conversations)."""
@@ -177,8 +233,14 @@ class Plan(BaseModel):
     candidate: str
     """The candidate's canonical name."""
     notes: tuple[str, ...] = ()
+    space: SearchSpace | None = None
+    """The search space the plan was chosen from (``--engine`` narrows it), searched again on a
+    retry; None: the default space."""
     files: tuple[str, ...] = ()
     """The files written with it (set by the folder writer)."""
+    file_sha256: dict[str, str] = Field(default_factory=dict)
+    """SHA-256 of each file as written (set by the folder writer): ``--force`` replaces only a file
+    that still has it, never one the user wrote or edited."""
     skipped: dict[str, str] = Field(default_factory=dict)
     """Files this plan has none of, and why (a trainer that cannot express it)."""
 
@@ -226,6 +288,7 @@ def make_plan(
     constraints: Constraints,
     trainer: TrainerSettings | None = None,
     notes: tuple[str, ...] = (),
+    space: SearchSpace | None = None,
 ) -> Plan:
     """The plan of one candidate.
 
@@ -238,6 +301,8 @@ def make_plan(
         request, constraints: what the search honoured (kept to search again on a retry).
         trainer: data, output and schedule; None: defaults, with the LoRA learning rate for LoRA.
         notes: what the user should read with the plan.
+        space: the search space the candidate was chosen from (kept to search again on a retry);
+            None: the default space.
     """
     llm = next((g for g in model.groups if g.kind == "decoder"), None)
     path = model_path or model.hf_id or model.name
@@ -245,9 +310,11 @@ def make_plan(
         trainer = TrainerSettings(learning_rate=LORA_LEARNING_RATE if candidate.options.lora else FULL_LEARNING_RATE)
     est = candidate.estimate
     zero = ZeroSettings.hf_auto(model.hidden_size)
+    profile = profile_of(model)
     return Plan(
         model=ModelRef(name=model.name, path=path, hidden_size=model.hidden_size,
-                       model_type=llm.config.get("model_type") if llm else None),
+                       model_type=llm.config.get("model_type") if llm else None,
+                       profile=profile, config=None if profile else _config_path(model)),
         cluster=ClusterRef.of(cluster),
         options=candidate.options,
         workload=candidate.workload,
@@ -268,5 +335,6 @@ def make_plan(
         tokens_per_s=candidate.speed.tokens_per_s,
         candidate=candidate.name,
         notes=notes,
+        space=space,
     )
 

@@ -62,6 +62,8 @@ def minicpm_plan(tmp_path: Path) -> Path:
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "checkpoint-100").mkdir()  # the user's checkpoint: must survive every retry
     (tmp_path / "finetune.py").write_text(FAKE_FINETUNE)
+    (tmp_path / "data").mkdir()  # the plan's data_path, relative to finetune.py's folder, where it runs
+    (tmp_path / "data" / "train.json").write_text("[]")
     return out
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from planner.architectures import ProfileError
-from planner.plan import Plan
+from planner.plan import MAX_PLAN_BYTES, Plan
 from planner.writers.formats import NotExpressible, deepspeed_config, llamafactory_config, training_args
 from planner.writers.scripts import comment_text, hostfile, launch_script, minicpm_script
 
@@ -226,7 +226,7 @@ def _previous_plan(out: Path, force: bool) -> dict[str, str | None]:
     if path.is_file() and not path.is_symlink():
         try:
             with open(path, "rb") as fh:
-                doc = json.loads(fh.read(MAX_PLAN_JSON_BYTES + 1).decode("utf-8"))
+                doc = json.loads(fh.read(MAX_PLAN_BYTES + 1).decode("utf-8"))
         except (OSError, ValueError, RecursionError):
             doc = None
     if not isinstance(doc, dict) or not isinstance(doc.get("files"), list):
@@ -281,8 +281,6 @@ def _rename_noreplace(src: Path, dst: Path) -> bool:
 _AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
 _RENAME_NOREPLACE = 1  # <linux/fs.h>: fail with EEXIST rather than replace the target
 
-MAX_PLAN_JSON_BYTES = 16 * 2**20
-"""A plan.json memplan writes is a few KiB; one larger than 16 MiB is not ours (bytes)."""
 
 
 def _sha256(data: bytes) -> str:
