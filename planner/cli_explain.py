@@ -43,8 +43,16 @@ PRECISION_SETTINGS = {
 _COUNTED = re.compile(r"^\s*\d+\s*[x*]")
 
 
+def _file_paths(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[Path, ...]:
+    """The FILES as paths; a NUL byte (which click.Path's own check fails on) names no file."""
+    for v in value:
+        if "\x00" in v:
+            raise UserError(f"{v!r}: a file name cannot hold a NUL byte")
+    return tuple(Path(v) for v in value)
+
+
 @click.command(epilog=EXPLAIN_EPILOG)
-@click.argument("files", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, callback=_file_paths)
 @click.option("--args", "arg_strings", multiple=True,
               help="finetune.py / HF Trainer arguments as one string, read like a script's flags; repeatable.")
 @click.option("--model", default=None,
@@ -134,8 +142,15 @@ def _model(name: str | None, merged: Any, catalog: Any) -> tuple[Any, str | None
     value = str(src.value)
     if catalog.has_model(value):
         return load_model(value, catalog), f"model {value} from {src.file} ({src.key})"
-    for candidate in (Path(value).expanduser(), Path(src.file).parent / value):
-        if find_config(candidate) is not None:
+    if "\x00" in value:  # possible in a JSON or YAML string; no file name holds one
+        raise UserError(f"{src.file}: {src.key} {value!r} holds a NUL byte: it names neither a model profile "
+                        "nor a folder; pass --model")
+    try:
+        as_written = Path(value).expanduser()
+    except RuntimeError:  # ~user of a user this machine does not have
+        as_written = Path(value)
+    for candidate in (as_written, Path(src.file).parent / value):
+        if not str(candidate).startswith("~") and find_config(candidate) is not None:
             return load_model(str(candidate), catalog), f"model from {candidate}, named by {src.file} ({src.key})"
     raise UserError(f"{src.file}: {src.key} {value!r} is neither a model profile, a hub id of one, nor a local "
                     "folder with config.json: pass --model")

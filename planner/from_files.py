@@ -27,7 +27,7 @@ from planner.estimate.states import (
 )
 from planner.options import Attention, Engine, Offload, TrainingOptions, ZeroStage
 from planner.profile import ModelSpec
-from planner.readers import AUTO, DS_AUTO, Problem, Reading, Setting, read_file
+from planner.readers import AUTO, DS_AUTO, Problem, Reading, Setting, check_text, read_file
 from planner.trainer_rules import (
     DEFAULTS,
     LF_FLASH_ATTN,
@@ -107,23 +107,33 @@ def read_files(paths: Sequence[str | Path], arg_strings: Sequence[str] = ()) -> 
     from planner.read_script import read_script
 
     readings = [read_file(p) for p in paths]
-    readings += [read_script(a, f"--args #{i + 1}") for i, a in enumerate(arg_strings)]
+    for i, a in enumerate(arg_strings):
+        check_text(a, f"--args #{i + 1}")
+        readings.append(read_script(a, f"--args #{i + 1}"))
     readings += [r.inline_deepspeed for r in readings if r.inline_deepspeed is not None]
-    given = {Path(p).resolve() for p in paths}
     if any(r.kind == "deepspeed" for r in readings):
         return readings
+    given = {_resolved(p) for p in paths}
     for r in list(readings):
         ref = r.deepspeed_ref
-        if ref is None or Path(ref).resolve() in given:
+        if ref is None or _resolved(ref) in given:
             continue
-        if not Path(ref).is_file():
+        if not Path(ref).exists():  # a FIFO or folder is there, and read_file says what it is
             raise ProfileError(f"{r.file}: {r.settings['deepspeed'].key} names {ref}, which is not there; "
                                "pass the DeepSpeed JSON as a FILE")
         ds = read_file(ref)
         ds.notes.append(f"{ds.file}: read because {r.file} names it ({r.settings['deepspeed'].key})")
         readings.append(ds)
-        given.add(Path(ref).resolve())
+        given.add(_resolved(ref))
     return readings
+
+
+def _resolved(path: str | Path) -> Path:
+    """``path`` made absolute, symlinks followed where they lead somewhere (a loop stays as written)."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11's pathlib)
+        return Path(path).absolute()
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -331,7 +341,11 @@ def build_setup(merged: Merged, model: ModelSpec, world_size: int, zero_init: bo
         if wl["images"]:
             notes.append("one image per sample (--images to change)")
     if "image_size" not in wl and merged.trainer == "llamafactory" and wl["images"]:
-        side = math.isqrt(int(v("image_max_pixels")))
+        pixels = int(v("image_max_pixels"))
+        if pixels < 1:
+            got = merged.settings["image_max_pixels"]
+            raise ProfileError(f"{got.file}: {got.key} {pixels}: LLaMA-Factory needs a positive pixel count")
+        side = math.isqrt(pixels)
         wl["image_size"] = (side, side)
         notes.append(f"LLaMA-Factory resizes images to at most image_max_pixels {v('image_max_pixels')}: "
                      f"estimated as {side}x{side}")

@@ -40,6 +40,22 @@ def console() -> Console:
     return _console()
 
 
+SHOWN_CHARS = 500
+"""Longest value, note or problem shown on screen, characters; the rest is cut (``--json`` keeps
+all). The longest real ones are about 300; a hostile file's one 1 MiB word would fill the terminal."""
+SHOWN_KEYS = 100
+"""Most ignored or unknown keys listed per file on screen, the rest counted; a real file has a few dozen."""
+
+
+def _cut(text: str, limit: int = SHOWN_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(_cut(str(k), 100) for k in keys[:SHOWN_KEYS])
+    return shown if len(keys) <= SHOWN_KEYS else f"{shown} (and {len(keys) - SHOWN_KEYS} more)"
+
+
 def _value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -47,7 +63,7 @@ def _value(v: Any) -> str:
         return f"{v:g}"
     if isinstance(v, int):
         return f"{v:,}" if abs(v) >= 100_000 else str(v)
-    return str(v)
+    return _cut(str(v))
 
 
 def _short(path: str) -> str:
@@ -122,15 +138,15 @@ def explain_view(model: Any, cluster: Any, merged: Any, setup: Any, diagnosis: A
             f"{n} {_value(merged.settings[n].value)}" for n in rest), style="dim"))
     for r in merged.readings:
         if r.ignored:
-            parts.append(Text(f"ignored in {_short(r.file)} (no effect on memory): {', '.join(r.ignored)}",
+            parts.append(Text(f"ignored in {_short(r.file)} (no effect on memory): {_listed(r.ignored)}",
                               style="dim"))
         if r.unknown:
-            parts.append(Text(f"unknown to memplan in {_short(r.file)} (not read): {', '.join(r.unknown)}",
+            parts.append(Text(f"unknown to memplan in {_short(r.file)} (not read): {_listed(r.unknown)}",
                               style="yellow"))
     for p in merged.problems:
-        parts.append(Text(f"problem: {p.text}", style="yellow"))
+        parts.append(Text(f"problem: {_cut(p.text)}", style="yellow"))
     for n in merged.notes:
-        parts.append(Text(f"note: {n}", style="dim"))
+        parts.append(Text(f"note: {_cut(n)}", style="dim"))
     parts += [Text(""), estimate_view(est, f"the estimate: {_describe(setup)}"), binding_line(est)]
     if est.fits:
         parts.append(Text("it fits as written: no fix needed.", style="green"))
