@@ -72,6 +72,70 @@ class TensorSpec:
 
 from planner.errors import ProfileError  # noqa: E402  (re-exported: the project's user-input error)
 
+# Bounds on a model's sizes. Far above every released model, so no real config meets them; a
+# config beyond them is a typo or hostile, and building its tensors (or its transformers class)
+# would take minutes or hours. docs/cli.md lists every bound memplan keeps.
+MAX_LAYERS = 1024
+"""Blocks in one stack. The deepest released LLM has 126 (Llama 3.1 405B); DeepNet (Wang et al.,
+2022) trained 1,000 layers as an experiment."""
+MAX_WIDTH = 2**18
+"""Hidden, intermediate, head and projection sizes, elements (262,144). The widest released
+dense LLM: Llama 3.1 405B, hidden 16,384 and intermediate 53,248."""
+MAX_VOCAB = 2**22
+"""Vocabulary and codebook sizes (4,194,304). The largest released: Gemma 3's 262,144."""
+MAX_HEADS = 4096
+"""Attention heads in one layer. The most in a released LLM: 128 (Llama 3.1 405B, DeepSeek-V3)."""
+MAX_EXPERTS = 4096
+"""Experts in one MoE layer. The most in a released LLM: 384 (Kimi K2)."""
+MAX_POSITIONS = 2**24
+"""Position tables, audio positions and image sides in pixels (16,777,216). The longest
+context released: Llama 4 Scout's 10M tokens."""
+
+_CONFIG_BOUNDS: dict[str, tuple[int, str]] = {
+    **dict.fromkeys(("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
+                     "decoder_layers"), (MAX_LAYERS, "layers")),
+    **dict.fromkeys(("hidden_size", "intermediate_size", "d_model", "encoder_ffn_dim", "decoder_ffn_dim",
+                     "n_embd", "n_inner", "ffn_dim", "embed_dim", "kv_dim", "in_dim", "hidden_dim", "out_dim",
+                     "llm_dim", "head_dim", "moe_intermediate_size", "num_queries", "num_mel_bins",
+                     "num_channels", "num_vq", "patch_size"), (MAX_WIDTH, "elements")),
+    **dict.fromkeys(("vocab_size", "num_audio_tokens", "num_text_tokens"), (MAX_VOCAB, "tokens")),
+    **dict.fromkeys(("num_attention_heads", "num_key_value_heads", "encoder_attention_heads",
+                     "decoder_attention_heads", "n_head"), (MAX_HEADS, "heads")),
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts"), (MAX_EXPERTS, "experts")),
+    **dict.fromkeys(("max_position_embeddings", "max_source_positions", "n_positions", "image_size"),
+                    (MAX_POSITIONS, "positions")),
+}
+"""Config field -> (largest value accepted, what it counts). Every such field, where it is a number,
+must be a whole number from 1 to its bound."""
+
+
+def check_config_bounds(cfg: Mapping[str, Any], where: str = "") -> None:
+    """Refuse a config (a profile group's, or a whole ``config.json`` with its nested
+    ``text_config``/``vision_config``...) whose sizes are not whole numbers within the bounds above.
+
+    Raises:
+        ProfileError: names the field (its path in nested configs), its value and the bound.
+    """
+    stack: list[tuple[str, Mapping[str, Any]]] = [(where, cfg)]
+    while stack:
+        prefix, node = stack.pop()
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                stack.append((f"{prefix}{key}.", value))
+                continue
+            bound = _CONFIG_BOUNDS.get(key)
+            if bound is None or not isinstance(value, int | float):
+                continue  # not a size, or a type (a list, a string, null) the builder judges itself
+            limit, unit = bound
+            shown = f"{prefix}{key} = {value!r}"[:120]
+            if isinstance(value, bool | float):
+                raise ProfileError(f"{shown}: must be a whole number of {unit}")
+            if value < 1:
+                raise ProfileError(f"{shown}: must be at least 1")
+            if value > limit:
+                raise ProfileError(f"{shown}: more than the {limit:,} {unit} memplan accepts "
+                                   "(far beyond every released model)")
+
 
 def _req(cfg: Mapping[str, Any], key: str) -> Any:
     if key not in cfg:
@@ -331,6 +395,7 @@ def build_tensors(kind: str, cfg: Mapping[str, Any]) -> list[TensorSpec]:
         builder = BUILDERS[kind]
     except KeyError:
         raise ProfileError(f"unknown group kind {kind!r} (known: {', '.join(sorted(BUILDERS))})") from None
+    check_config_bounds(cfg)
     try:
         return builder(cfg)
     except TypeError as exc:  # a field of the wrong type, e.g. a string where a count belongs

@@ -220,7 +220,7 @@ def estimate(
     from planner.workload import Workload
 
     catalog = load_catalog(profiles_dirs)
-    notes = []
+    notes = list(catalog.notes)
     if model is None and train is None and freeze is None and without is None and lora_rank is None:
         without, freeze = REFERENCE_GROUPS["without"], REFERENCE_GROUPS["freeze"]
         max_slice_nums = 1 if max_slice_nums is None else max_slice_nums
@@ -231,8 +231,11 @@ def estimate(
         )
     spec = load_model(model or DEFAULT_MODEL, catalog)
     cluster = make_cluster_noted(gpus, catalog, host_ram, notes)
+    ctx = click.get_current_context()
+    if not cluster.gpu.bf16 and ctx.get_parameter_source("precision") is click.core.ParameterSource.DEFAULT:
+        precision = "amp-fp16"  # the default amp-bf16 cannot run there; an explicit bf16 is refused
+        notes.append(f"{cluster.gpu.full_name} has no bf16: planning amp-fp16 (--precision to choose)")
     if engine == "torch":  # the DeepSpeed defaults do not apply; explicit values are still checked
-        ctx = click.get_current_context()
         default = click.core.ParameterSource.DEFAULT
         zero = "0" if ctx.get_parameter_source("zero") is default else zero
         if ctx.get_parameter_source("offload_optimizer") is default:
@@ -324,6 +327,8 @@ def profiles(ctx: click.Context, profiles_dirs: tuple[Path, ...]) -> None:
     from planner.render import console, count
 
     catalog = load_catalog(profiles_dirs)
+    for note in catalog.notes:
+        click.echo(f"note: {note}", err=True)
     models = Table(title="models", title_justify="left")
     for col in ("name", "hub id", "params", "groups"):
         models.add_column(col, justify="right" if col == "params" else "left")

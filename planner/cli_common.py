@@ -152,11 +152,18 @@ def parse_names(ctx: click.Context, param: click.Parameter,
     return tuple(n.strip() for v in values for n in v.split(",") if n.strip())
 
 
+def _profile_paths(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[Path, ...]:
+    for value in values:
+        if value.strip() == "" or "\x00" in value:
+            raise click.BadParameter(f"{value!r} is not a path (empty, or with a NUL byte)")
+    return tuple(Path(v) for v in values)
+
+
 profiles_dir_option = click.option(
     "--profiles-dir",
     "profiles_dirs",
     multiple=True,
-    type=click.Path(file_okay=True, dir_okay=True, path_type=Path),
+    callback=_profile_paths,
     help="Extra folder (or file) of GPU/model profiles; repeatable. Also $MEMPLAN_PROFILES.",
 )
 

@@ -109,7 +109,7 @@ def explain(files: tuple[Path, ...], arg_strings: tuple[str, ...], model: str | 
         more = f" (and {len(fatal) - 1} more)" if len(fatal) > 1 else ""
         raise UserError(f"{fatal[0].text}{hint}{more}")
     spec, model_note = _model(model, merged, catalog)
-    notes = [model_note] if model_note else []
+    notes = list(catalog.notes) + ([model_note] if model_note else [])
     cluster = _cluster(gpus, cluster_hints(merged), catalog, host_ram, notes)
     workload = {k: v for k, v in (("images", images), ("image_size", image_size), ("audio_seconds", audio_seconds))
                 if v is not None}

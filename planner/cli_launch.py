@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from planner.cli_common import UserError, user_errors
+from planner.cli_common import PassThroughCommand, UserError, user_errors
 
 LAUNCH_EPILOG = """\b
 Examples:
@@ -68,7 +68,7 @@ def run_plan(out_dir: Path, target: str, script: Path | None, hostfile: Path | N
     return exit_status(attempts)
 
 
-@click.command(epilog=LAUNCH_EPILOG, context_settings={"ignore_unknown_options": True})
+@click.command(cls=PassThroughCommand, epilog=LAUNCH_EPILOG)
 @click.argument("plan_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--data", default=None, help="Training data. [default: the plan's]")
 @TARGET_OPTION

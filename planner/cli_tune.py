@@ -109,7 +109,7 @@ def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | 
         if value is not None and (value.strip() == "" or "\x00" in value):
             raise UserError(f"{name}: needs a path (no empty text, no NUL byte)")
     catalog = load_catalog(profiles_dirs)
-    notes: list[str] = []
+    notes: list[str] = list(catalog.notes)
     if model is None and train is None and freeze is None and without is None and lora_rank is None:
         without, freeze = REFERENCE_GROUPS["without"], REFERENCE_GROUPS["freeze"]
         max_slice_nums = 1 if max_slice_nums is None else max_slice_nums
@@ -144,6 +144,7 @@ def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | 
     started = time.perf_counter()
     result = search(spec, cluster, request, constraints, space, top=top)
     seconds = time.perf_counter() - started  # the search alone: docs/tune.md's speed target
+    notes += [n for n in result.notes if n not in notes]  # what the search substituted or skipped, and why
     repair = fixes(spec, cluster, request, constraints, space, result)
     chosen = result.chosen
     files = []

@@ -13,9 +13,19 @@ from pathlib import Path
 
 from planner.architectures import ProfileError
 from planner.profile import Catalog, GpuSpec
-from planner.units import KIB
+from planner.units import KIB, MAX_SIZE_BYTES
 
 _COUNT_RE = re.compile(r"^(\d+)\s*[x*]\s*(.+)$")
+
+MAX_GPUS_PER_NODE = 64
+"""GPUs (ranks) on one node. The most one server board holds is 16 (DGX-2, HGX-2); 64 leaves room
+for rigs of PCIe switches. A larger count is a typo for nodes x GPUs (``2x8xh100``)."""
+MAX_WORLD_SIZE = 16_384
+"""GPUs in one run, all nodes: the largest training run published, Llama 3 405B's pre-training on
+16,384 H100 (Dubey et al., 2024). Fine-tuning runs are far smaller, and the ZeRO-1/2 layout is
+computed rank by rank: this also bounds the time of an estimate."""
+MAX_NODES = MAX_WORLD_SIZE // 8
+"""Nodes in one run: that same run's 2,048 nodes of 8 GPUs."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,26 @@ class Cluster:
     gpu_memory_bytes: int
     host_ram_bytes: int
     note: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a cluster no plan can be made for: every capacity later divides a figure.
+
+        Raises:
+            ProfileError: counts out of `MAX_NODES` / `MAX_GPUS_PER_NODE`, or a memory size that
+                is not a positive whole number of bytes of at most 1 EiB.
+        """
+        for what, value, limit in (("nodes", self.nodes, MAX_NODES),
+                                   ("GPUs per node", self.gpus_per_node, MAX_GPUS_PER_NODE)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                raise ProfileError(f"--gpus: {value!r} {what}: memplan plans for 1 to {limit:,} {what} "
+                                   "(write NODESxGPUSxNAME, e.g. 2x8xh100)")
+        if self.world_size > MAX_WORLD_SIZE:
+            raise ProfileError(f"--gpus {self.label}: {self.world_size:,} GPUs in all; memplan plans for at most "
+                               f"{MAX_WORLD_SIZE:,}, the largest training run published (Llama 3 405B)")
+        for what, value in (("--host-ram", self.host_ram_bytes), (f"memory of {self.gpu.name}", self.gpu_memory_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIZE_BYTES:
+                raise ProfileError(f"{what} is {value!r} bytes: must be a positive size of at most 1 EiB, "
+                                   "e.g. --host-ram 64GiB")
 
     @property
     def world_size(self) -> int:
@@ -60,7 +90,11 @@ def parse_gpus(spec: str, catalog: Catalog) -> tuple[int, int, GpuSpec]:
     """
     counts, rest = [], spec.strip().lower()
     while len(counts) < 2 and (m := _COUNT_RE.match(rest)):
-        counts.append(int(m.group(1)))
+        digits = m.group(1).lstrip("0") or "0"
+        if len(digits) > 9:  # int() of 5,000 digits raises; Cluster checks the rest
+            raise ProfileError(f"--gpus {spec[:60]!r}: a count over a billion; memplan plans for up to "
+                               f"{MAX_WORLD_SIZE:,} GPUs (NODESxGPUSxNAME)")
+        counts.append(int(digits))
         rest = m.group(2).strip()
     if (
         not rest

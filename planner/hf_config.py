@@ -12,19 +12,33 @@ import os
 import re
 from pathlib import Path
 
-from planner.architectures import Part, ProfileError, TensorKind, TensorSpec
+from planner.architectures import Part, ProfileError, TensorKind, TensorSpec, check_config_bounds
 from planner.profile import Group, ModelSpec
 
 _LAYER_RE = re.compile(r"\.(layers|h|blocks|layer)\.\d+\.")
 
 
 def find_config(path: str | Path) -> Path | None:
-    """``path`` itself if it is a file, ``path/config.json`` if it is a folder holding one, else None."""
-    p = Path(path).expanduser()
-    if p.is_file():
-        return p
-    if p.is_dir() and (p / "config.json").is_file():
-        return p / "config.json"
+    """``path`` itself if it is a file, ``path/config.json`` if it is a folder holding one, else None.
+
+    Raises:
+        ProfileError: ``path`` cannot name a file at all: a NUL byte in it, ``~user`` for a user
+            who does not exist, a name the system refuses (too long), a folder it may not read.
+    """
+    shown = str(path)[:200]
+    if "\0" in str(path):
+        raise ProfileError(f"--model {shown!r}: a path cannot contain a NUL byte")
+    try:
+        p = Path(path).expanduser()
+    except RuntimeError:  # "~nosuchuser/...": Path.expanduser cannot find that home folder
+        raise ProfileError(f"--model {shown!r}: no such user's home folder for '~'") from None
+    try:
+        if p.is_file():
+            return p
+        if p.is_dir() and (p / "config.json").is_file():
+            return p / "config.json"
+    except OSError as exc:  # ENAMETOOLONG, EACCES...: is_file() re-raises all but 'not there'
+        raise ProfileError(f"--model {shown!r}: cannot look there: {exc.strerror}") from None
     return None
 
 
@@ -77,6 +91,7 @@ def model_from_config(path: str | Path) -> ModelSpec:
         raise ProfileError(f"{cfg_path}: not valid JSON: {exc.msg} (line {exc.lineno})") from None
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise ProfileError(f'{cfg_path}: not a Hugging Face config (no "model_type" field)')
+    check_config_bounds(raw, f"{cfg_path}: ")  # before transformers builds 200,000 layers
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch

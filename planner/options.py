@@ -11,6 +11,8 @@ from enum import IntEnum, StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from planner.errors import ProfileError
+from planner.profile import GpuSpec
 from planner.units import DType
 
 
@@ -32,6 +34,10 @@ class Precision(StrEnum):
     def half_dtype(self) -> DType:
         """The 16-bit dtype, or fp32 for fp32."""
         return {Precision.FP32: DType.FP32, Precision.AMP_FP16: DType.FP16}.get(self, DType.BF16)
+
+
+BF16_PRECISIONS = frozenset({Precision.AMP_BF16, Precision.PURE_BF16})
+"""The precisions that compute in bf16: they need a GPU with hardware bf16 (`GpuSpec.bf16`)."""
 
 
 class Engine(StrEnum):
@@ -92,6 +98,45 @@ class Attention(StrEnum):
     FLASH_ATTENTION_2 = "flash_attention_2"
 
 
+FLASH_ATTENTION_2_MIN_COMPUTE_CAPABILITY = (8, 0)
+"""flash-attn 2 runs on Ampere, Ada and Hopper GPUs only (flash-attention README, "FlashAttention-2
+currently supports: Ampere, Ada, or Hopper GPUs"; Turing needs FlashAttention 1.x)."""
+
+
+def precision_problem(precision: Precision, gpu: GpuSpec) -> str | None:
+    """Why ``gpu`` cannot run ``precision`` (one line, for a user), or None when it can.
+
+    bf16 needs hardware bf16 (Ampere, compute capability 8.0, and newer): HF Trainer refuses
+    ``--bf16`` without it (``is_torch_bf16_gpu_available``), DeepSpeed's bf16 kernels need it.
+    """
+    if precision in BF16_PRECISIONS and not gpu.bf16:
+        return (f"--precision {precision.value}: {gpu.full_name} has no bf16 ({gpu.architecture}, compute "
+                f"capability {gpu.compute_capability}; bf16 needs 8.0 or newer): use amp-fp16 or fp32")
+    return None
+
+
+def attention_problem(attn: Attention, precision: Precision, gpu: GpuSpec) -> str | None:
+    """Why ``attn`` cannot run under ``precision`` on ``gpu`` (one line), or None when it can.
+
+    flash-attn 2 takes fp16 and bf16 inputs only (its README: "Datatype fp16 and bf16"): under
+    fp32 nothing casts them (under amp-* autocast does, and DeepSpeed's module is 16-bit).
+    """
+    if attn is not Attention.FLASH_ATTENTION_2:
+        return None
+    if precision is Precision.FP32:
+        return ("--attn flash_attention_2 computes in fp16 or bf16 only, and --precision fp32 keeps the "
+                "attention inputs in fp32: use --attn sdpa, or a 16-bit precision")
+    if gpu.compute_capability_tuple < FLASH_ATTENTION_2_MIN_COMPUTE_CAPABILITY:
+        return (f"--attn flash_attention_2 needs an Ampere or newer GPU (compute capability 8.0+); "
+                f"{gpu.full_name} is {gpu.compute_capability}: use --attn sdpa")
+    return None
+
+
+MAX_LORA_RANK = 65_536
+"""Four times the full rank of the widest released layer (Llama 3.1 405B's hidden 16,384): an
+adapter of higher rank holds more than the layer itself. Common ranks are 8 to 256."""
+
+
 class LoraOptions(BaseModel):
     """LoRA adapters (peft): rank, targets and the groups they go into."""
 
@@ -103,6 +148,13 @@ class LoraOptions(BaseModel):
     linear except the output layer)."""
     groups: tuple[str, ...] = ()
     """Groups that get adapters; empty means every decoder (LLM) group."""
+
+    @model_validator(mode="after")
+    def _bounded(self) -> LoraOptions:
+        if self.rank > MAX_LORA_RANK:
+            raise ValueError(f"--lora-rank {self.rank}: memplan plans for ranks up to {MAX_LORA_RANK:,} "
+                             "(common ranks are 8 to 256)")
+        return self
 
 
 class TrainingOptions(BaseModel):
@@ -159,6 +211,16 @@ class TrainingOptions(BaseModel):
                 f"an offloaded optimizer runs DeepSpeedCPUAdam; --optimizer {self.optimizer.value} cannot be offloaded"
             )
         return self
+
+    def check_runs_on(self, gpu: GpuSpec) -> None:
+        """Refuse options that ``gpu`` cannot run (a precision, an attention kernel).
+
+        Raises:
+            ProfileError: with what the GPU lacks and what to use instead.
+        """
+        problem = precision_problem(self.precision, gpu) or attention_problem(self.attn, self.precision, gpu)
+        if problem:
+            raise ProfileError(problem)
 
     @property
     def optimizer_impl(self) -> OptimizerImpl:

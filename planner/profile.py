@@ -26,6 +26,24 @@ PROFILES_ENV = "MEMPLAN_PROFILES"
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
+MAX_PROFILE_FILE_BYTES = 4 * MIB
+"""A profile file larger than this is not one (the shipped nvidia.toml is 20 KiB)."""
+MAX_PROFILE_FILES = 1000
+"""``.toml`` files read from one profiles folder; more means the folder is not a profiles folder."""
+MAX_PROFILE_WALK = 20_000
+"""Folder entries looked at under one profiles folder (``--profiles-dir /`` would walk the disk)."""
+
+MAX_GPU_MEMORY_MIB = 1024 * 1024
+"""1 TiB per GPU. The largest released: AMD MI355X 288 GB, NVIDIA B300 288 GB."""
+MAX_TFLOPS = 100_000.0
+"""Dense TFLOP/s. A B200 reaches 2,250 dense bf16 and 9,000 sparse fp4."""
+MAX_BANDWIDTH_GBPS = 100_000.0
+"""Memory or NVLink bandwidth, GB/s. B200: 8,000 HBM, 1,800 NVLink."""
+MAX_PCIE_GEN = 7
+"""PCIe 7.0 is the newest specification (2025)."""
+MAX_PCIE_LANES = 32
+"""x32 is the widest link the PCIe specification defines."""
+
 
 def _check_name(value: str) -> str:
     if not _NAME_RE.match(value):
@@ -34,7 +52,13 @@ def _check_name(value: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+_REPLACES_DOC = (
+    "the name of a profile (shipped, or from an earlier profiles folder) that this entry deliberately "
+    "replaces; without it an entry whose name or alias is already taken is refused"
+)
 
 
 class GpuSpec(_Strict):
@@ -44,16 +68,17 @@ class GpuSpec(_Strict):
     aliases: tuple[str, ...] = ()
     full_name: str
     architecture: str
-    compute_capability: str
-    memory_mib: int = Field(gt=0, description="total memory as the driver reports it, MiB")
+    compute_capability: str = Field(pattern=r"^[1-9][0-9]?\.[0-9]$", description="CUDA sm version, e.g. 8.6")
+    memory_mib: int = Field(gt=0, le=MAX_GPU_MEMORY_MIB, description="total memory as the driver reports it, MiB")
     bf16: bool
-    bf16_tflops: float = Field(ge=0)
-    fp16_tflops: float = Field(gt=0)
-    fp32_tflops: float = Field(gt=0)
-    memory_bandwidth_gbps: float = Field(gt=0)
-    pcie_gen: int = Field(ge=1)
-    pcie_lanes: int = Field(ge=1)
-    nvlink_gbps: float = Field(ge=0, description="total NVLink bandwidth per GPU, GB/s; 0 = none")
+    bf16_tflops: float = Field(ge=0, le=MAX_TFLOPS)
+    fp16_tflops: float = Field(gt=0, le=MAX_TFLOPS)
+    fp32_tflops: float = Field(gt=0, le=MAX_TFLOPS)
+    memory_bandwidth_gbps: float = Field(gt=0, le=MAX_BANDWIDTH_GBPS)
+    pcie_gen: int = Field(ge=1, le=MAX_PCIE_GEN)
+    pcie_lanes: int = Field(ge=1, le=MAX_PCIE_LANES)
+    nvlink_gbps: float = Field(ge=0, le=MAX_BANDWIDTH_GBPS,
+                               description="total NVLink bandwidth per GPU, GB/s; 0 = none")
     form_factor: Literal["pcie", "sxm"] = Field(
         default="pcie",
         description="sxm: NVLink runs through the baseboard and is always there; pcie: a card in a slot, "
@@ -65,8 +90,15 @@ class GpuSpec(_Strict):
         "peer traffic through host memory",
     )
     source: str
+    replaces: str | None = Field(default=None, exclude=True, description=_REPLACES_DOC)
 
     _name = field_validator("name")(_check_name)
+
+    @property
+    def compute_capability_tuple(self) -> tuple[int, int]:
+        """``(8, 6)`` for ``"8.6"``: comparable with a kernel's minimum."""
+        major, minor = self.compute_capability.split(".")
+        return int(major), int(minor)
 
     @property
     def memory_bytes(self) -> int:
@@ -95,6 +127,7 @@ class ModelProfile(_Strict):
     source: str
     expected_params: int | None = Field(default=None, ge=0)
     groups: tuple[GroupProfile, ...] = Field(min_length=1)
+    replaces: str | None = Field(default=None, exclude=True, description=_REPLACES_DOC)
 
     _name = field_validator("name")(_check_name)
 
@@ -222,9 +255,19 @@ def load_file(path: Path) -> ProfileFile:
             the file and the field.
     """
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_PROFILE_FILE_BYTES + 1)
     except OSError as exc:
         raise ProfileError(f"{path}: cannot read: {exc.strerror}") from None
+    except ValueError:  # open() refuses a NUL byte in the name
+        raise ProfileError(f"{str(path)!r}: a path cannot contain a NUL byte") from None
+    if len(raw) > MAX_PROFILE_FILE_BYTES:
+        raise ProfileError(f"{path}: larger than {MAX_PROFILE_FILE_BYTES // MIB} MiB: not a profile file")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                           "TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"{path}: not valid TOML: {exc}") from None
     unknown = sorted(set(data) - {"gpus", "models"})
@@ -252,12 +295,36 @@ def builtin_profiles_dir() -> Path:
 
 
 def toml_files(root: Path) -> list[Path]:
-    """Every .toml file under a folder (or the file itself)."""
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
-        raise ProfileError(f"profiles folder {root} does not exist")
-    return sorted(root.rglob("*.toml"))
+    """Every .toml file under a folder (or the file itself), symlinked folders followed once.
+
+    Raises:
+        ProfileError: the path cannot exist (a NUL byte, too long), does not exist, or is no
+            profiles folder (more than `MAX_PROFILE_FILES` files, or `MAX_PROFILE_WALK` entries).
+    """
+    if "\0" in str(root):
+        raise ProfileError(f"profiles folder {str(root)!r}: a path cannot contain a NUL byte")
+    try:
+        if root.is_file():
+            return [root]
+        if not root.is_dir():
+            raise ProfileError(f"profiles folder {root} does not exist")
+    except OSError as exc:
+        raise ProfileError(f"profiles folder {str(root)[:200]}: cannot look there: {exc.strerror}") from None
+    found: list[Path] = []
+    seen_dirs: set[Path] = set()
+    entries = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = Path(dirpath).resolve()
+        if real in seen_dirs:  # a symlink loop, or a folder reached twice
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        entries += len(dirnames) + len(filenames)
+        found += [Path(dirpath) / f for f in filenames if f.endswith(".toml")]
+        if entries > MAX_PROFILE_WALK or len(found) > MAX_PROFILE_FILES:
+            raise ProfileError(f"profiles folder {root} holds more than {MAX_PROFILE_FILES} .toml files or "
+                               f"{MAX_PROFILE_WALK:,} entries: point it at the folder of your profiles")
+    return sorted(found)
 
 
 def close_matches(word: str, choices: Iterable[str]) -> str:
@@ -276,21 +343,59 @@ class Catalog:
     gpus: dict[str, GpuSpec] = field(default_factory=dict)
     models: dict[str, ModelProfile] = field(default_factory=dict)
     origin: dict[str, Path] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """What the user's profiles changed among the profiles loaded before them (an entry that
+    ``replaces`` one), one line each, for the CLI to show with its answer."""
     _gpu_alias: dict[str, str] = field(default_factory=dict)
     _model_alias: dict[str, str] = field(default_factory=dict)
 
     def add(self, pf: ProfileFile) -> None:
-        """Add a file's entries; a later folder's entry replaces an earlier one of the same name."""
+        """Add a file's entries.
+
+        A name, alias, full name or hub id already taken (by a shipped profile or an earlier
+        folder's) is refused, unless the entry says ``replaces = "<that profile's name>"``: then
+        that profile and all its names give way, and `notes` says so. An entry identical to the
+        one holding its name is skipped (the same file reached twice, a copy of a shipped file).
+
+        Raises:
+            ProfileError: a name is taken and the entry does not say it replaces its holder, or
+                ``replaces`` names no profile.
+        """
         for g in pf.gpus:
-            self.gpus[g.name] = g
-            self.origin[f"gpu:{g.name}"] = pf.path
-            for a in (g.name, *g.aliases, g.full_name):
-                self._gpu_alias[_norm(a)] = g.name
+            self._add("gpu", g, pf.path, self.gpus, self._gpu_alias, (g.name, *g.aliases, g.full_name))
         for m in pf.models:
-            self.models[m.name] = m
-            self.origin[f"model:{m.name}"] = pf.path
-            for a in (m.name, *m.aliases, *([m.hf_id] if m.hf_id else [])):
-                self._model_alias[_norm(a)] = m.name
+            names = (m.name, *m.aliases, *([m.hf_id] if m.hf_id else []))
+            self._add("model", m, pf.path, self.models, self._model_alias, names)
+
+    def _add(self, kind: str, entry: GpuSpec | ModelProfile, path: Path, table: dict, aliases: dict[str, str],
+             names: tuple[str, ...]) -> None:
+        what = "GPU" if kind == "gpu" else "model"
+        holders = {aliases[_norm(n)]: n for n in names if _norm(n) in aliases}
+        if entry.replaces is None and any(table[h] == entry for h in holders):
+            return  # the very same entry again
+        if entry.replaces is not None:
+            target = aliases.get(_norm(entry.replaces))
+            if target is None:
+                raise ProfileError(f"{path}: {what} {entry.name!r} says replaces = {entry.replaces!r}, but no "
+                                   f"{what} profile is called that; {close_matches(entry.replaces, table)}")
+            old = self.origin.pop(f"{kind}:{target}")
+            del table[target]
+            for alias in [a for a, holder in aliases.items() if holder == target]:
+                del aliases[alias]
+            holders.pop(target, None)
+            shipped = "the shipped " if builtin_profiles_dir() in old.resolve().parents else ""
+            self.notes.append(f"{what} profile {entry.name!r} in {path} replaces {shipped}{target!r} ({old})")
+        if holders:
+            holder, name = next(iter(holders.items()))
+            raise ProfileError(
+                f"{path}: {what} {entry.name!r}: the name {name!r} is taken by {holder!r} "
+                f"(from {self.origin[f'{kind}:{holder}']}); add replaces = {holder!r} to this entry to "
+                "replace that profile, or choose other names"
+            )
+        table[entry.name] = entry
+        self.origin[f"{kind}:{entry.name}"] = path
+        for name in names:
+            aliases[_norm(name)] = entry.name
 
     def gpu(self, name: str) -> GpuSpec:
         """The GPU called ``name`` (canonical name, alias or full name; case-insensitive)."""
@@ -325,9 +430,13 @@ def profile_dirs(extra: Sequence[Path | str] = ()) -> list[Path]:
 
 
 def load_catalog(extra: Sequence[Path | str] = ()) -> Catalog:
-    """Load every profile file from the shipped folder, $MEMPLAN_PROFILES and ``extra``."""
+    """Load every profile file from the shipped folder, $MEMPLAN_PROFILES and ``extra``, in that
+    order (see `Catalog.add` for an entry whose name is taken)."""
     catalog = Catalog()
+    read: set[Path] = set()
     for root in profile_dirs(extra):
         for path in toml_files(root):
-            catalog.add(load_file(path))
+            if path.resolve() not in read:  # a folder named twice ($MEMPLAN_PROFILES and --profiles-dir)
+                read.add(path.resolve())
+                catalog.add(load_file(path))
     return catalog

@@ -34,11 +34,21 @@ from planner.options import (
     Precision,
     TrainingOptions,
     ZeroStage,
+    attention_problem,
+    precision_problem,
 )
 from planner.profile import ModelSpec
 from planner.speed import StepTime, step_time
-from planner.units import GIB
-from planner.workload import Workload, parse_selection, trainable_inventory
+from planner.units import GIB, MAX_SIZE_BYTES
+from planner.workload import (
+    MAX_CROPS_PER_MICRO_STEP,
+    MAX_SAMPLES,
+    Workload,
+    check_media,
+    parse_selection,
+    trainable_inventory,
+    untrained,
+)
 
 DEFAULT_GLOBAL_BATCH = 16
 """Samples per optimizer step when the user names none: a common supervised fine-tuning batch
@@ -77,9 +87,10 @@ class GiveUp(BaseModel):
 
 class Request(BaseModel):
     """What the user asked for: each sample's content and what trains, as `memplan estimate`
-    takes it. The search honours it first and relaxes it only when that does not fit."""
+    takes it. The search honours it first and relaxes it only when that does not fit. Its
+    sample is bounded as `Workload` is (`search` checks it first)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     seq_len: int = Field(default=1024, ge=2)
     images: int = Field(default=0, ge=0)
@@ -92,7 +103,7 @@ class Request(BaseModel):
     lora: LoraOptions | None = None
     precision: Precision | None = None
     """A precision the user insists on; None lets the search choose."""
-    global_batch: int | None = Field(default=None, gt=0)
+    global_batch: int | None = Field(default=None, gt=0, le=MAX_SAMPLES)
     """Samples per optimizer step, all GPUs together; None: DEFAULT_GLOBAL_BATCH."""
 
     def workload(self, seq_len: int | None = None, max_slice_nums: int | None = None, micro_batch: int = 1,
@@ -112,7 +123,7 @@ class Request(BaseModel):
 class Constraints(BaseModel):
     """What every candidate must keep."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     must_train: tuple[str, ...] = ()
     """Groups or parts trained fully in every candidate (no LoRA, no freezing)."""
@@ -121,15 +132,15 @@ class Constraints(BaseModel):
     min_slice_nums: int | None = Field(default=None, gt=0)
     """Fewest image slices allowed; None: 1."""
     margin: float = Field(default=DEFAULT_MARGIN, ge=0, lt=1)
-    nvme_bytes: int = Field(default=0, ge=0)
+    nvme_bytes: int = Field(default=0, ge=0, le=MAX_SIZE_BYTES)
     """NVMe space per node for ZeRO-Infinity offload; 0: no NVMe offload."""
     target: Literal["builtin", "minicpm", "llamafactory"] = "builtin"
     """The trainer that will run the plan: only setups it can express are candidates.
     ``minicpm``: MiniCPM-o's finetune.py (DeepSpeed only; builds llm, vpm, resampler; its LoRA
     also trains a copy of llm.embed_tokens). ``llamafactory``: no pure bf16 with ZeRO-3."""
-    max_gpu_bytes: int | None = Field(default=None, gt=0)
+    max_gpu_bytes: int | None = Field(default=None, gt=0, le=MAX_SIZE_BYTES)
     """A cap below the margin's, per GPU: set after a run died of GPU out-of-memory (launch.py)."""
-    max_host_bytes: int | None = Field(default=None, gt=0)
+    max_host_bytes: int | None = Field(default=None, gt=0, le=MAX_SIZE_BYTES)
     """A cap below the margin's, per node's host RAM: set after a host out-of-memory kill."""
 
 
@@ -282,10 +293,12 @@ def search(
             left to relax).
 
     Raises:
-        ProfileError: the request names groups the model lacks, or cannot be honoured at all.
+        ProfileError: the request names groups the model lacks, or cannot be honoured at all
+            (`check_request`).
     """
     constraints = constraints or Constraints()
     space = space or SearchSpace()
+    check_request(model, cluster, request)
     global_batch = resolve_global_batch(request, cluster)
     per_gpu = global_batch // cluster.world_size
     zero = ZeroSettings.hf_auto(model.hidden_size)
@@ -294,7 +307,8 @@ def search(
     gpu_cap = min(gpu_cap, constraints.max_gpu_bytes or gpu_cap)
     host_cap = min(host_cap, constraints.max_host_bytes or host_cap)
     result = SearchResult([], [], 0, global_batch, constraints.margin)
-    hows = list(_hows(space, cluster, request, constraints))
+    hows = list(_hows(space, cluster, request, constraints, result.notes))
+    no_kernel: set[str] = set()
     relaxations = sorted(_relaxations(model, request, constraints, space), key=lambda r: r.key)
     first_fit = None
     bounds: dict[TrainingOptions, bool] = {}
@@ -303,6 +317,9 @@ def search(
             break
         found = False
         for how, ckpt, attn in itertools.product(hows, space.grad_ckpt, space.attn):
+            if attention_problem(attn, how["precision"], cluster.gpu):
+                no_kernel.add(f"{attn.value} under {how['precision'].value}")
+                continue
             try:
                 options = TrainingOptions(
                     **how, grad_ckpt=ckpt, attn=attn, train=relax.train, freeze=relax.freeze,
@@ -324,16 +341,50 @@ def search(
             found = True
         if found and first_fit is None:
             first_fit = relax.key
+    if no_kernel:
+        result.notes.append(f"not tried on {cluster.gpu.full_name}: {', '.join(sorted(no_kernel))} "
+                            "(flash-attn 2 needs compute capability 8.0+ and 16-bit inputs)")
     result.candidates.sort(key=lambda c: c.rank_key)
     return result
 
 
-def _hows(space: SearchSpace, cluster: Cluster, request: Request, constraints: Constraints) -> Iterator[dict]:
-    """Engine, ZeRO stage, offloads, precision and optimizer combinations worth estimating."""
+def check_request(model: ModelSpec, cluster: Cluster, request: Request) -> None:
+    """Refuse a request that no setup can honour.
+
+    Raises:
+        ProfileError: its sample is out of bounds, or its images and audio take more tokens than
+            its context (`Workload`'s checks); the model has no encoder for its media; the GPU
+            cannot run the precision it insists on.
+    """
+    try:
+        workload = request.workload()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ProfileError(f"{loc}: {msg}" if loc else msg) from None
+    check_media(model, TrainingOptions(without=request.without), workload)
+    if request.precision is not None:
+        problem = precision_problem(request.precision, cluster.gpu)
+        if problem:
+            raise ProfileError(f"{problem} (without --precision the search chooses one the GPU runs)")
+
+
+def _hows(space: SearchSpace, cluster: Cluster, request: Request, constraints: Constraints,
+          notes: list[str]) -> Iterator[dict]:
+    """Engine, ZeRO stage, offloads, precision and optimizer combinations worth estimating.
+
+    A precision the user insists on is the only one (`check_request` refused it if the GPU
+    cannot run it); of the space's own, the GPU's substitutes are tried and ``notes`` says so."""
     precisions = [request.precision] if request.precision else list(space.precisions)
-    if not cluster.gpu.bf16:
-        precisions = [Precision.AMP_FP16 if p is Precision.AMP_BF16 else p for p in precisions
-                      if p is not Precision.PURE_BF16]
+    if not request.precision and any(precision_problem(p, cluster.gpu) for p in precisions):
+        runnable = [Precision.AMP_FP16 if p is Precision.AMP_BF16 else p for p in precisions
+                    if p is not Precision.PURE_BF16]
+        dropped = [p.value for p in precisions if p not in runnable]
+        notes.append(f"{cluster.gpu.full_name} has no bf16: the search tries "
+                     f"{', '.join(dict.fromkeys(p.value for p in runnable)) or 'nothing'} instead of "
+                     f"{', '.join(dropped)}")
+        precisions = list(dict.fromkeys(runnable))
     offloads = [o for o in space.offloads if o is not Offload.NVME or constraints.nvme_bytes]
     seen = set()
     for (engine, stage), precision, optimizer in itertools.product(space.engines, precisions, space.optimizers):
@@ -369,13 +420,18 @@ def _relaxations(model: ModelSpec, request: Request, constraints: Constraints,
             raise ProfileError(f"--target minicpm: MiniCPM's finetune.py builds only llm, vpm and resampler; "
                                f"this model and request build {', '.join(sorted(built))} (--without {extra})")
     must = constraints.must_train
-    if must:  # must-train names must exist, and be trained in the request
-        for group, part in parse_selection(must, model, "--must-train"):
-            if not any(p.trainable and p.group == group and (part is None or p.tensor.part is part) for p in params):
-                what = f"{group}.{part.value}" if part else group
-                raise ProfileError(f"--must-train {what}: the request does not train it (see --train/--freeze)")
-    trained_groups = [g.name for g in model.groups if any(p.trainable and p.group == g.name for p in params)]
+    must_sel = parse_selection(must, model, "--must-train") if must else set()
+    missing = untrained(params, must_sel)  # must-train names must exist, and be trained fully in the request
     decoders = {g.name for g in model.groups if g.kind == "decoder"}
+    if missing:
+        what = missing[0]
+        group = what.partition(".")[0]
+        if request.lora is not None and group in (set(request.lora.groups) or decoders):
+            raise ProfileError(f"--must-train {what} and --lora-rank {request.lora.rank}: LoRA freezes {group}'s "
+                               f"weights (it trains adapters beside them), --must-train asks for {what} trained "
+                               "fully: drop one of the two")
+        raise ProfileError(f"--must-train {what}: the request does not train it fully (see --train/--freeze)")
+    trained_groups = [g.name for g in model.groups if any(p.trainable and p.group == g.name for p in params)]
     must_groups = {m.partition(".")[0] for m in must if "." not in m}
 
     trainables: list[tuple[tuple[str, ...] | None, tuple[str, ...], LoraOptions | None, tuple[GiveUp, ...]]] = [
@@ -419,8 +475,13 @@ def _relaxations(model: ModelSpec, request: Request, constraints: Constraints,
                 seen_crops.add(crops)
                 slices.append(n)
 
+    trainables = [t for i, t in enumerate(trainables) if i == 0 or _trains(model, request, t[:3], must_sel)]
     out = []
     for (train, freeze, lora, tgive), seq, n in itertools.product(trainables, seqs, slices):
+        try:
+            request.workload(seq, n)
+        except ValidationError:
+            continue  # a context too short for the sample's images and audio
         gives = list(tgive)
         if seq < request.seq_len:
             gives.append(GiveUp(kind="context", text=f"context {request.seq_len}->{seq}", severity=2))
@@ -428,6 +489,17 @@ def _relaxations(model: ModelSpec, request: Request, constraints: Constraints,
             gives.append(GiveUp(kind="slices", text=f"slices {request.max_slice_nums}->{n}", severity=2))
         out.append(_Relaxation(seq, n, train, freeze, lora, tuple(gives)))
     return out
+
+
+def _trains(model: ModelSpec, request: Request, selection: tuple, must_sel: set) -> bool:
+    """Whether a relaxation's (train, freeze, lora) trains something and every must-train part fully."""
+    train, freeze, lora = selection
+    try:
+        params = trainable_inventory(model, TrainingOptions(train=train, freeze=freeze, without=request.without,
+                                                            lora=lora))
+    except ProfileError:  # e.g. freezing the only trained group: nothing left to train
+        return False
+    return not untrained(params, must_sel)
 
 
 def _crops(request: Request, max_slice_nums: int) -> int:
@@ -451,7 +523,9 @@ def _largest_micro_batch(model, cluster, options, request, relax, per_gpu, space
     The estimate without activations depends on the options and the accumulation only, not on the
     context or the slices: ``bounds`` remembers it per options, so a setup whose model states do
     not fit is estimated once, not once per relaxation of the data."""
-    sizes = [mb for mb in sorted(space.micro_batches) if per_gpu % mb == 0] or [1]
+    crops = request.images * _crops(request, relax.max_slice_nums)  # per sample
+    sizes = [mb for mb in sorted(space.micro_batches)
+             if per_gpu % mb == 0 and mb * crops <= MAX_CROPS_PER_MICRO_STEP] or [1]
     best = None
     for i, mb in enumerate(sizes):
         workload = request.workload(relax.seq_len, relax.max_slice_nums, mb, per_gpu // mb)
@@ -500,14 +574,20 @@ class Fix:
 def host_ram_fix(model: ModelSpec, cluster: Cluster, request: Request, constraints: Constraints,
                  space: SearchSpace, max_severity: int) -> Fix | None:
     """The smallest common host RAM size with which a setup giving up at most ``max_severity``
-    fits, and that setup."""
-    for size in HOST_RAM_SIZES_GIB:
-        if size * GIB <= cluster.host_ram_bytes:
-            continue
+    fits, and that setup.
+
+    Host RAM only caps what fits (no estimate depends on it): when the next size up does not do,
+    the largest is tried before the ones between, and when that does not do either none will."""
+    sizes = [size for size in HOST_RAM_SIZES_GIB if size * GIB > cluster.host_ram_bytes]
+    for i, size in enumerate(sizes):
         bigger = replace(cluster, host_ram_bytes=size * GIB)
         found = _best_within(model, bigger, request, constraints, space, max_severity)
         if found:
             return Fix(f"host RAM {cluster.host_ram_bytes / GIB:.0f} -> {size} GiB per node", found)
+        if i == 0 and len(sizes) > 2:
+            largest = replace(cluster, host_ram_bytes=sizes[-1] * GIB)
+            if _best_within(model, largest, request, constraints, space, max_severity) is None:
+                return None
     return None
 
 

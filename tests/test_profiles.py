@@ -135,8 +135,13 @@ def test_bad_user_profiles_name_file_and_field(tmp_path):
 
 
 def test_user_profile_dir_adds_and_overrides(tmp_path, monkeypatch):
+    """A user profile that takes a shipped one's hub id must say so (``replaces``); the catalog
+    then names the replacement in its notes."""
     src = (builtin_profiles_dir() / "models" / "qwen2.5.toml").read_text()
-    (tmp_path / "mine.toml").write_text(src.replace('name = "qwen2.5-0.5b"', 'name = "my-qwen"'))
+    mine = src.replace('name = "qwen2.5-0.5b"', 'name = "my-qwen"\nreplaces = "qwen2.5-0.5b"')
+    (tmp_path / "mine.toml").write_text(mine)
     monkeypatch.setenv("MEMPLAN_PROFILES", str(tmp_path))
     cat = load_catalog()
-    assert build_model(cat.model("my-qwen")).params == build_model(cat.model("qwen2.5-0.5b")).params
+    assert build_model(cat.model("my-qwen")).params == 494_032_768
+    assert cat.model("Qwen/Qwen2.5-0.5B-Instruct").name == "my-qwen"
+    assert len(cat.notes) == 1 and "replaces the shipped 'qwen2.5-0.5b'" in cat.notes[0]

@@ -201,7 +201,7 @@ def test_encoder_flops_equal_flop_counter() -> None:
     }
     model = _spec(("llm", "decoder", TINY), ("vpm", "siglip_vision", SIGLIP), ("resampler", "resampler", RESAMPLER),
                   ("apm", "whisper_encoder", WHISPER))
-    workload = Workload(seq_len=64, images=1, max_slice_nums=1, audio_seconds=2.0)
+    workload = Workload(seq_len=128, images=1, max_slice_nums=1, audio_seconds=2.0)  # 66 image + 54 audio tokens
     ours = sample_flops(model, trainable_inventory(model, TrainingOptions()), workload, False)
     for group, (fwd, bwd) in counted.items():
         assert _close(ours.by_group[group], fwd + bwd), group

@@ -15,7 +15,7 @@ from planner.estimate.step import step_items
 from planner.hardware import Cluster
 from planner.options import Engine, TrainingOptions, ZeroStage
 from planner.profile import ModelSpec
-from planner.workload import Origin, Workload, trainable_inventory
+from planner.workload import Origin, Workload, check_media, trainable_inventory
 
 __all__ = ["estimate", "Estimate"]
 
@@ -41,7 +41,14 @@ def estimate(
         activations: False leaves out what the step itself holds (activations, temporaries): the
             rest is a lower bound of the GPU peak, and the host figure is unchanged. The search
             prunes with it before it runs the activation model.
+
+    Raises:
+        ProfileError: the GPU cannot run the options (bf16 without bf16, flash-attn 2 before
+            Ampere or in fp32), the workload has media the model cannot take, or the selections
+            contradict each other or train nothing (`trainable_inventory`).
     """
+    options.check_runs_on(cluster.gpu)
+    check_media(model, options, workload)
     params = trainable_inventory(model, options)
     zero = zero or ZeroSettings.hf_auto(model.hidden_size)
     items = model_state_items(params, options, cluster.world_size, zero, workload.grad_accum)
