@@ -52,6 +52,7 @@ class Case:
     plan_dir: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     run_script: str | None = None  # injection cases: bash this script (in the plan folder) afterwards
+    non_root: bool = False  # only meaningful for a user whom permissions bind (root writes anyway)
 
 
 def _write(rel: str, text: str | bytes) -> Callable:
@@ -87,6 +88,9 @@ def _readonly(rel: str) -> Callable:
     return setup
 
 
+DATA = _write("data/train.json", "[]")  # the plan's default data file, where the builtin trainer opens it
+
+
 def cases() -> list[Case]:
     deep = "[" * 100_000 + "]" * 100_000
     laughs = "stage: sft\nfinetuning_type: full\na: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
@@ -100,7 +104,7 @@ def cases() -> list[Case]:
     user_gpu = ('[[gpus]]\nname = "rtx3090"\nfull_name = "mine"\narchitecture = "ampere"\n'
                 'compute_capability = "8.6"\nmemory_mib = 99999\nbf16 = true\nbf16_tflops = 71.0\n'
                 'fp16_tflops = 71.0\nfp32_tflops = 35.6\nmemory_bandwidth_gbps = 936.0\npcie_gen = 4\n'
-                'pcie_lanes = 16\nform_factor = "pcie"\npcie_p2p = false\nsource = "test"\n')
+                'pcie_lanes = 16\nnvlink_gbps = 0\nform_factor = "pcie"\npcie_p2p = false\nsource = "test"\n')
     alias_gpu = user_gpu.replace('name = "rtx3090"', 'name = "mygpu"\naliases = ["3090"]')
     e = ["estimate"]
     return [
@@ -126,9 +130,9 @@ def cases() -> list[Case]:
         Case("100k-deep JSON", "traceback", ["explain", "deep.json", "--gpus", "2x3090"], _write("deep.json", deep)),
         Case("explain /dev/zero", "traceback", ["explain", "/dev/zero", "--gpus", "2x3090"]),
         Case("launch a read-only plan folder", "traceback", ["launch", "p", "--max-retries", "0"],
-             _chain(_tune_into("p"), _readonly("p")), plan_dir="p"),
+             _chain(_tune_into("p"), DATA, _readonly("p")), plan_dir="p", non_root=True),
         Case("launch with a file named attempts", "traceback", ["launch", "p", "--max-retries", "0"],
-             _chain(_tune_into("p"), _write("p/attempts", "x")), plan_dir="p"),
+             _chain(_tune_into("p"), DATA, _write("p/attempts", "x")), plan_dir="p"),
         Case("--model ~nosuchuser/m", "traceback", [*e, "--model", "~nosuchuser/m"]),
         Case("NUL byte in a path", "traceback", ["explain", "training_args.json", "--gpus", "2x3090"],
              _write("training_args.json", json.dumps({"per_device_train_batch_size": 1, "output_dir": "o",
@@ -169,10 +173,10 @@ def cases() -> list[Case]:
              _write("prof/gpu.toml", user_gpu)),
         Case("a user alias taking over 3090", "silent", [*e, "--profiles-dir", "prof"],
              _write("prof/gpu.toml", alias_gpu)),
-        Case("launch: --hostfile that does not exist", "silent",
-             ["launch", "p", "--hostfile", "nope", "--dry-run"], _tune_into("p", "--gpus", "2x2x3090"), plan_dir="p"),
-        Case("launch: the placeholder hostfile", "silent", ["launch", "p", "--dry-run"],
-             _tune_into("p", "--gpus", "2x2x3090"), plan_dir="p"),
+        Case("launch: --hostfile that does not exist", "silent", ["launch", "p", "--hostfile", "nope"],
+             _chain(_tune_into("p", "--gpus", "2x2x3090"), DATA), plan_dir="p"),
+        Case("launch: the placeholder hostfile", "silent", ["launch", "p"],
+             _chain(_tune_into("p", "--gpus", "2x2x3090"), DATA), plan_dir="p"),
         Case("tune --gpu typo", "silent", ["tune", "--gpu", "2x4090", "--out", "p"], plan_dir="p"),
         Case("tune --out ''", "silent", ["tune", "--out", ""]),
         Case("--force over the user's own launch.sh", "silent", ["tune", "--out", "p", "--force"],
@@ -218,6 +222,9 @@ def main() -> int:
 
     results = []
     for case in cases():
+        if case.non_root and os.geteuid() == 0:
+            print(f"{'skipped':10s} {0:6.1f}s  [{case.kind}] {case.name}: root ignores permissions", flush=True)
+            continue
         with tempfile.TemporaryDirectory(prefix="hostile.") as tmp:
             d = Path(tmp)
             if case.setup:
