@@ -2,13 +2,13 @@
 
 Usage: python benchmarks/accuracy.py [--out docs/accuracy.md] [--cache FILE] [--only NAME ...] [--tiny]
 
-For each case it traces one real HF training step of the model (planner.trace; about a minute per 7-8B case on two
+For each case it traces one real HF training step of the model (planner.judge.trace; about a minute per 7-8B case on two
 cores) and estimates it (planner.estimate.states for the model states,
-planner.estimate.activations for the rest). It writes a markdown table: per category at the
+planner.estimate.decoder for the rest). It writes a markdown table: per category at the
 peak (weights, gradients, optimizer states, activations + temporaries, total), estimate,
 trace and relative error, the peak phase, and what forward leaves for backward. ``--cache``
 keeps the traces in a JSON file so the table can be rewritten without tracing again. ``--tiny``
-adds a second table for the test's tiny cases (tests/test_activations_vs_trace.py). Not a
+adds a second table for the test's tiny cases (tests/estimate/test_activations_vs_trace.py). Not a
 test: it is slow.
 """
 
@@ -23,10 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from planner.profile import load_catalog  # noqa: E402
-from planner.trace import TraceRequest, TraceResult  # noqa: E402
-from tests.test_activations_vs_trace import CASES as TINY_CASES  # noqa: E402
-from tests.test_activations_vs_trace import estimate, run_judge  # noqa: E402
+from planner.judge.trace import TraceRequest, TraceResult  # noqa: E402
+from planner.profile.catalog import load_catalog  # noqa: E402
+from tests.estimate.test_activations_vs_trace import CASES as TINY_CASES  # noqa: E402
+from tests.estimate.test_activations_vs_trace import estimate, run_judge  # noqa: E402
 
 GIB = 2**30
 
@@ -131,7 +131,7 @@ def render(results: dict[str, dict], tiny: dict[str, dict] | None = None) -> str
         lines += [
             "## The test's tiny cases",
             "",
-            "tests/test_activations_vs_trace.py (hidden 256, 2 layers, vocab 512); sizes in MiB (2^20 B).",
+            "tests/estimate/test_activations_vs_trace.py (hidden 256, 2 layers, vocab 512); sizes in MiB (2^20 B).",
             "Optimizer states differ where fused AdamW's 0-dim `step` tensors are a visible share: the",
             "allocator (and the tracer) rounds each 4-byte tensor to 512 bytes; planner.estimate.states",
             "counts 4 bytes.",

@@ -2,7 +2,7 @@
 
 What ZeRO-Offload runs on the host each optimizer step: ``optimizer.step()`` over the rank's fp32
 master partition, its fp32 gradient and two fp32 Adam states (``adamw_mode=True``, as the engine
-builds it for ``"AdamW"`` with ``offload_optimizer``). ``planner.speed.CPU_ADAM_ELEMENTS_PER_S_PER_CORE``
+builds it for ``"AdamW"`` with ``offload_optimizer``). ``planner.speed.step_time.CPU_ADAM_ELEMENTS_PER_S_PER_CORE``
 is set from this measurement (docs/speed.md).
 
 Two sizes, because one Adam step streams 28 bytes per element (reads parameter, gradient and

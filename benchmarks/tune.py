@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/tune.py [RUNS]. For MiniCPM-o 2.6 on 2x RTX 3090 (the reference
 request) with 64 GiB and 256 GiB of host RAM, each run starts a fresh Python (so nothing is
-remembered between runs) and times `planner.search.search` alone, then the fixes, then the whole
+remembered between runs) and times `planner.search.search.search` alone, then the fixes, then the whole
 `memplan tune` command (imports, search, fixes, files). Prints the median and the worst of RUNS.
 """
 
@@ -17,10 +17,10 @@ import time
 PROBE = """
 import time
 t0 = time.perf_counter()
-from planner.cli_common import REFERENCE_GROUPS
-from planner.hardware import make_cluster
-from planner.profile import build_model, load_catalog
-from planner.search import Constraints, Request, SearchSpace, fixes, search
+from planner.cli.common import REFERENCE_GROUPS
+from planner.profile.hardware import make_cluster
+from planner.profile.catalog import build_model, load_catalog
+from planner.search.search import Constraints, Request, SearchSpace, fixes, search
 from planner.units import GIB
 catalog = load_catalog(())
 model = build_model(catalog.model("minicpm-o-2.6"))

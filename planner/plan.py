@@ -16,11 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from planner.errors import ProfileError
 from planner.estimate.states import ZeroSettings
-from planner.hardware import Cluster
-from planner.options import Engine, TrainingOptions, ZeroStage
-from planner.profile import GpuSpec, GroupProfile, ModelProfile, ModelSpec, build_model
-from planner.search import Candidate, Constraints, GiveUp, Request, SearchSpace
-from planner.workload import Origin, Workload, trainable_inventory
+from planner.profile.catalog import GpuSpec, GroupProfile, ModelProfile, ModelSpec, build_model
+from planner.profile.hardware import Cluster
+from planner.search.search import Candidate, Constraints, GiveUp, Request, SearchSpace
+from planner.workload.inventory import Origin, Workload, trainable_inventory
+from planner.workload.options import Engine, TrainingOptions, ZeroStage
 
 PLAN_VERSION = 1
 

@@ -12,6 +12,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @pytest.fixture(scope="session")
 def catalog():
-    from planner.profile import load_catalog
+    from planner.profile.catalog import load_catalog
 
     return load_catalog()

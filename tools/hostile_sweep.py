@@ -16,7 +16,7 @@ before/after count. Every case runs ``memplan ARGS`` in a fresh sandbox folder a
 
 Each case is named with the class of hostile input it belongs to (the classes of the
 hostile-input report: injection, traceback, hang, silent). Tests cover the same inputs
-(tests/test_hostile_*.py, tests/test_injection.py, tests/test_plan_folder.py); this tool counts.
+(tests/test_hostile_*.py, tests/writers/test_injection.py, tests/writers/test_plan_folder.py); this tool counts.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Golden snapshot of the step simulators: every public figure of planner.estimate.activations and
+"""Golden snapshot of the step simulators: every public figure of planner.estimate.decoder and
 planner.estimate.encoders over a grid of calls, written as JSON.
 
 A refactoring of the simulators must leave the file byte-identical:
@@ -24,19 +24,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from planner.architectures import TensorKind, TensorSpec, decoder_tensors
 from planner.estimate import activations as act
 from planner.estimate import encoders as enc
-from planner.options import OptimizerImpl
-from planner.profile import load_catalog
-from planner.workload import Param
+from planner.profile.architectures import TensorKind, TensorSpec, decoder_tensors
+from planner.profile.catalog import load_catalog
+from planner.workload.inventory import Param
+from planner.workload.options import OptimizerImpl
 
 PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "pure-bf16")
 ATTNS = ("eager", "sdpa", "flash_attention_2")
 
 
 def _tiny(model_type: str, **kw: Any) -> dict[str, Any]:
-    """The trace tests' tiny decoder (tests/test_activations_vs_trace.py ``_decoder``)."""
+    """The trace tests' tiny decoder (tests/estimate/test_activations_vs_trace.py ``_decoder``)."""
     cfg = dict(model_type=model_type, vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
                num_attention_heads=8, num_key_value_heads=2)
     cfg.update(kw)
@@ -63,7 +63,7 @@ RESAMPLER = dict(num_queries=16, embed_dim=128, kv_dim=96, num_heads=4)
 
 
 def _inventory(cfg: dict, frozen: tuple[str, ...] = (), lora: dict | None = None) -> tuple[Param, ...]:
-    """As tests/test_activations_vs_trace.py ``inventory``: frozen prefixes or a peft LoRA wrap."""
+    """As tests/estimate/test_activations_vs_trace.py ``inventory``: frozen prefixes or a peft LoRA wrap."""
     params = [Param("llm", t, not any(t.name.startswith(p) for p in frozen)) for t in decoder_tensors(cfg)]
     if lora is None:
         return tuple(params)

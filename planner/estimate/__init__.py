@@ -12,10 +12,10 @@ from planner.estimate.result import ALWAYS, STEP, Estimate, Item, Place, assembl
 from planner.estimate.runtime import ddp_bucket_items, gathered_param_items, loading_items, overhead_items
 from planner.estimate.states import ZeroSettings, model_state_items
 from planner.estimate.step import step_items
-from planner.hardware import Cluster
-from planner.options import Engine, TrainingOptions, ZeroStage
-from planner.profile import ModelSpec
-from planner.workload import Origin, Workload, check_media, trainable_inventory
+from planner.profile.catalog import ModelSpec
+from planner.profile.hardware import Cluster
+from planner.workload.inventory import Origin, Workload, check_media, trainable_inventory
+from planner.workload.options import Engine, TrainingOptions, ZeroStage
 
 __all__ = ["estimate", "Estimate"]
 

@@ -9,7 +9,7 @@ and Python references die where the real code drops them. Checkpoint regions fol
 ``Recompute.AT_UNPACK`` and a weight used by several chunks ``GradSum.FIRST_IN_PLACE``.
 
 The closed forms these replays reduce to, their sources and the comparison with a traced step
-(``planner.trace``, tests/test_encoders_vs_trace.py) are in docs/encoders.md.
+(``planner.judge.trace``, tests/estimate/test_encoders_vs_trace.py) are in docs/encoders.md.
 
 Conventions: C = crops (or audio pieces) in one encoder call, L = patches per crop (or encoder
 positions per piece), N = C*L, D = hidden, I = MLP width, h = heads, S = C*h*L*L attention scores.

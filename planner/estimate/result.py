@@ -2,7 +2,7 @@
 phase of the step where each budget peaks.
 
 No arithmetic about models lives here, only the shape of the answer and how its rows add up.
-GiB appear only in `planner.render`.
+GiB appear only in `planner.cli.render`.
 """
 
 from __future__ import annotations

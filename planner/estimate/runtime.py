@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from planner.architectures import Part
 from planner.estimate.result import ALWAYS, ENGINE_ROW, RUNTIME_ROW, STEP, Category, Item, Phase, Place
 from planner.estimate.states import ZeroSettings, working_dtype
-from planner.options import Engine, TrainingOptions, ZeroStage
+from planner.profile.architectures import Part
 from planner.units import MIB, round_up
-from planner.workload import Param
+from planner.workload.inventory import Param
+from planner.workload.options import Engine, TrainingOptions, ZeroStage
 
 # --- Non-tensor overhead per GPU process (bytes) ------------------------------------------------
 CUDA_CONTEXT_BYTES = 512 * MIB

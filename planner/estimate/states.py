@@ -3,7 +3,7 @@
 Pure arithmetic over the workload's parameter inventory. Every rule cites the code it mirrors
 (DeepSpeed 0.19.8, torch 2.13, transformers 5.24); docs/model-states.md derives each formula and
 docs/zero-internals.md records what a real DeepSpeed engine holds. Tests compare these figures
-with a real engine on two CPU ranks (tests/test_zero_vs_deepspeed.py).
+with a real engine on two CPU ranks (tests/estimate/test_zero_vs_deepspeed.py).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from planner.estimate.result import ALWAYS, ENGINE_ROW, FROM_BACKWARD, PADDING_ROW, STEP, Category, Item, Phase, Place
-from planner.options import Engine, Offload, OptimizerImpl, Precision, TrainingOptions, ZeroStage
 from planner.units import DType, ceil_div, round_up
-from planner.workload import Param
+from planner.workload.inventory import Param
+from planner.workload.options import Engine, Offload, OptimizerImpl, Precision, TrainingOptions, ZeroStage
 
 ADAM_STATES_PER_PARAM = 2  # exp_avg, exp_avg_sq
 TORCH_STEP_BYTES = 4  # torch.optim.AdamW keeps state["step"] as a float32 0-d tensor per parameter

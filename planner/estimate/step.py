@@ -11,14 +11,14 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from planner.architectures import DECODER_TYPES
-from planner.estimate.activations import decoder_step_memory
+from planner.estimate.decoder import decoder_step_memory
 from planner.estimate.encoders import EncoderMemory, resampler_memory, vision_tower_memory, whisper_encoder_memory
 from planner.estimate.result import FROM_BACKWARD, Category, Item, Phase, Place
 from planner.estimate.states import working_dtype
-from planner.options import Engine, OptimizerImpl, Precision, TrainingOptions
-from planner.profile import ModelSpec
-from planner.workload import Param, Workload
+from planner.profile.architectures import DECODER_TYPES
+from planner.profile.catalog import ModelSpec
+from planner.workload.inventory import Param, Workload
+from planner.workload.options import Engine, OptimizerImpl, Precision, TrainingOptions
 
 _DS_PRECISION = {2: "pure-bf16", 4: "fp32"}
 """The activation model's precision for a DeepSpeed module of this element size (no autocast)."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import Any
 
-from planner.options import Engine, Offload, Precision, ZeroStage
 from planner.plan import Plan
+from planner.workload.options import Engine, Offload, Precision, ZeroStage
 from planner.writers.keymap import KEYMAP, roles, settings
 
 DS_STEPS_PER_PRINT = 10
@@ -112,7 +112,7 @@ def llamafactory_config(plan: Plan) -> dict[str, Any]:
         if key.llamafactory and values[key.setting] is not None and key.llamafactory not in doc:
             doc[key.llamafactory] = values[key.setting]
     # pure_bf16 with DeepSpeed keeps bf16: true: HF Trainer requires DeepSpeed's bf16.enabled to
-    # match it (checked by LLaMA-Factory's own parser, tests/test_llamafactory.py); without
+    # match it (checked by LLaMA-Factory's own parser, tests/writers/test_llamafactory.py); without
     # DeepSpeed the keymap already leaves HF's bf16 (autocast) off.
     return doc
 

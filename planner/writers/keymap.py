@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from planner.options import Engine, Offload, Optimizer, Precision, ZeroStage
 from planner.plan import Plan
+from planner.workload.options import Engine, Offload, Optimizer, Precision, ZeroStage
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,198 @@
+"""What the commands share: user errors as one line, option parsers, the model and cluster they
+plan for, and the reference request. The edge of the flow, with `cli`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from planner.profile.architectures import ProfileError
+from planner.units import parse_size
+
+DEFAULT_MODEL = "minicpm-o-2.6"
+DEFAULT_GPUS = "2x3090"
+# The reference report (shared/reference/minicpm-o.md): MiniCPM-o's own script never builds the
+# audio encoder, its projector or the TTS (init_audio=False, init_tts=False); the vision tower is
+# frozen (--tune_vision false); the LLM and the resampler are trained.
+REFERENCE_GROUPS = {"without": ("apm", "audio_projection_layer", "tts"), "freeze": ("vpm",)}
+
+
+class UserError(click.ClickException):
+    """A mistake in what the user asked for: one line, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        error_line(self.format_message())
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Text as one printable line: newlines and control characters escaped, long text cut."""
+    line = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def error_line(message: str) -> None:
+    """The one form a user error takes: ``memplan: error: ...`` as one line on stderr."""
+    click.echo(f"memplan: error: {one_line(message, 2000)}", err=True)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn the library's input errors into UserError, so no traceback reaches the user."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ProfileError as exc:
+            raise UserError(str(exc)) from None
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            raise UserError(f"{loc}: {msg}" if loc else msg) from None
+
+    return wrapper
+
+
+def parse_size_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """A memory size with its unit (``64GiB``, ``64GB``); a bare number is refused, and so is zero
+    (a budget of nothing) except where zero means "none" (``--nvme 0``)."""
+    if value is None:
+        return None
+    try:
+        size = parse_size(value, require_unit=value.strip() not in ("0",))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if size == 0 and param.name not in ZERO_MEANS_NONE:
+        raise click.BadParameter("must be more than 0 bytes")
+    return size
+
+
+ZERO_MEANS_NONE = frozenset({"nvme"})
+"""Size options for which 0 is a meaningful answer ("no NVMe")."""
+
+
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses ``inf`` and ``nan`` (which Python's float() accepts and JSON
+    cannot carry)."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+MAX_IMAGE_SIDE_PX = 65_535
+"""The largest width or height JPEG, PNG decoders in practice and WebP allow (pixels); MiniCPM
+resizes far below it."""
+
+
+def parse_out_dir(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    """``--out``: a folder path. The empty string, which would silently mean the current folder, is
+    refused; ``.`` spelled out is the user's choice."""
+    if value is None:
+        return None
+    if value.strip() == "":
+        raise click.BadParameter("needs a folder name (use . for the current folder)")
+    if "\x00" in value:
+        raise click.BadParameter("a path cannot contain a NUL byte")
+    return Path(value)
+
+
+def json_text(doc: Any) -> str:
+    """Strict JSON for ``--json`` output: no NaN or Infinity, which other parsers refuse."""
+    return json.dumps(doc, indent=2, allow_nan=False)
+
+
+class PassThroughCommand(click.Command):
+    """A command whose arguments after ``--`` go unparsed to the program it runs (the ``extra``
+    parameter), while every option before ``--`` is checked, so a typo (``--gpu``) is an error
+    with "did you mean", never a trainer flag."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        tail: list[str] = []
+        if "--" in args:
+            cut = args.index("--")
+            args, tail = args[:cut], args[cut + 1:]
+        rest = super().parse_args(ctx, args)
+        ctx.params["extra"] = tuple(ctx.params.get("extra") or ()) + tuple(tail)
+        return rest
+
+
+def parse_image_size(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    parts = value.lower().replace(" ", "").split("x")
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) < 10 and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT in pixels, e.g. 1344x1344")
+    width, height = int(parts[0]), int(parts[1])
+    if max(width, height) > MAX_IMAGE_SIDE_PX:
+        raise click.BadParameter(f"{value!r}: a side over {MAX_IMAGE_SIDE_PX} pixels")
+    return width, height
+
+
+def parse_names(ctx: click.Context, param: click.Parameter,
+                value: tuple[str, ...] | str | None) -> tuple[str, ...] | None:
+    """Comma-separated and/or repeated names -> a tuple; None when not given."""
+    if value is None or value == ():
+        return None
+    values = (value,) if isinstance(value, str) else value
+    return tuple(n.strip() for v in values for n in v.split(",") if n.strip())
+
+
+def _profile_paths(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[Path, ...]:
+    for value in values:
+        if value.strip() == "" or "\x00" in value:
+            raise click.BadParameter(f"{value!r} is not a path (empty, or with a NUL byte)")
+    return tuple(Path(v) for v in values)
+
+
+profiles_dir_option = click.option(
+    "--profiles-dir",
+    "profiles_dirs",
+    multiple=True,
+    callback=_profile_paths,
+    help="Extra folder (or file) of GPU/model profiles; repeatable. Also $MEMPLAN_PROFILES.",
+)
+
+
+def make_cluster_noted(gpus: str | None, catalog: Any, host_ram: int | None, notes: list[str]) -> Any:
+    from planner.profile.hardware import make_cluster
+
+    if gpus is not None:
+        cluster = make_cluster(gpus, catalog, host_ram)
+    else:
+        try:
+            cluster = make_cluster("auto", catalog, host_ram)
+        except ProfileError:
+            cluster = make_cluster(DEFAULT_GPUS, catalog, host_ram)
+            notes.insert(0, f"no NVIDIA GPU detected: planning for {DEFAULT_GPUS} (--gpus to choose)")
+    if cluster.note:
+        notes.append(cluster.note)
+    return cluster
+
+
+def load_model(name: str, catalog: Any) -> Any:
+    """A ModelSpec from a profile name or hub id, or from a local config.json / folder."""
+    from planner.profile.catalog import build_model
+    from planner.profile.hf_config import find_config, model_from_config
+
+    if catalog.has_model(name):
+        return build_model(catalog.model(name))
+    if find_config(name) is not None:
+        return model_from_config(name)
+    if Path(name).expanduser().exists():
+        raise ProfileError(f"--model {name}: no config.json there")
+    return build_model(catalog.model(name))  # raises with close matches

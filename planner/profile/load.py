@@ -1,0 +1,29 @@
+"""A model by what the user calls it: a profile name or hub id from the catalog, or a local
+config.json (or its folder). Part of the profile stage; every command loads models through it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from planner.errors import ProfileError
+from planner.profile.catalog import Catalog, ModelSpec, build_model
+
+
+def load_model(name: str, catalog: Catalog, flag: str = "--model") -> ModelSpec:
+    """A ModelSpec from a profile name or hub id, or from a local config.json / folder (the
+    latter imports torch and transformers, the ``train`` extra).
+
+    Raises:
+        ProfileError: no such profile (with close matches), a folder without config.json, or a
+            config.json transformers cannot build.
+    """
+    from planner.profile.hf_config import find_config, model_from_config
+
+    if catalog.has_model(name):
+        return build_model(catalog.model(name))
+    if find_config(name) is not None:
+        return model_from_config(name)
+    if Path(name).expanduser().exists():
+        raise ProfileError(f"{flag} {name}: no config.json there")
+    return build_model(catalog.model(name))  # raises with close matches
