@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from planner.judge.trace import TraceRequest, TraceResult  # noqa: E402
+from planner.judge.protocol import TraceRequest, TraceResult  # noqa: E402
 from planner.profile.catalog import load_catalog  # noqa: E402
 from tests.estimate.test_activations_vs_trace import CASES as TINY_CASES  # noqa: E402
 from tests.estimate.test_activations_vs_trace import estimate, run_judge  # noqa: E402

@@ -17,10 +17,12 @@ import time
 PROBE = """
 import time
 t0 = time.perf_counter()
-from planner.cli.common import REFERENCE_GROUPS
+from planner.workload.reference import REFERENCE_GROUPS
 from planner.profile.hardware import make_cluster
 from planner.profile.catalog import build_model, load_catalog
-from planner.search.search import Constraints, Request, SearchSpace, fixes, search
+from planner.search.fixes import fixes
+from planner.search.search import search
+from planner.search.space import Constraints, Request, SearchSpace
 from planner.units import GIB
 catalog = load_catalog(())
 model = build_model(catalog.model("minicpm-o-2.6"))

@@ -18,7 +18,7 @@ from planner.errors import ProfileError
 from planner.estimate.states import ZeroSettings
 from planner.profile.catalog import GpuSpec, GroupProfile, ModelProfile, ModelSpec, build_model
 from planner.profile.hardware import Cluster
-from planner.search.search import Candidate, Constraints, GiveUp, Request, SearchSpace
+from planner.search.space import Candidate, Constraints, GiveUp, Request, SearchSpace
 from planner.workload.inventory import Origin, Workload, trainable_inventory
 from planner.workload.options import Engine, TrainingOptions, ZeroStage
 

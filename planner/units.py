@@ -87,6 +87,15 @@ def parse_size(text: str | int, require_unit: bool = False) -> int:
     return value
 
 
+def format_bytes(nbytes: int) -> str:
+    """The one way memplan shows a size to a user: GiB with two decimals, MiB with one below 1 GiB
+    (``3.45 GiB``, ``512.0 MiB``, ``0.00 GiB`` for nothing). Tables that carry the unit in their
+    title show bare numbers instead (render)."""
+    if abs(nbytes) < GIB and nbytes != 0:
+        return f"{nbytes / MIB:.1f} MiB"
+    return f"{nbytes / GIB:.2f} GiB"
+
+
 def ceil_div(a: int, b: int) -> int:
     """Integer ceiling of a / b for non-negative a and positive b."""
     return -(-a // b)

@@ -24,8 +24,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from planner.estimate import activations as act
+from planner.estimate import decoder as dec
+from planner.estimate import decoder_config as dcfg
 from planner.estimate import encoders as enc
+from planner.estimate import ops
+from planner.estimate import optimizer_phase as opt
+from planner.estimate import step_memory as sm
 from planner.profile.architectures import TensorKind, TensorSpec, decoder_tensors
 from planner.profile.catalog import load_catalog
 from planner.workload.inventory import Param
@@ -103,7 +107,7 @@ def _profile_groups() -> tuple[dict[str, dict], dict[str, dict], dict[str, dict]
 
 def _points() -> Iterator[tuple[str, Callable[[], Any]]]:
     """(key, thunk) for every point of the grid."""
-    dsm = act.decoder_step_memory
+    dsm = dec.decoder_step_memory
     # 1. Tiny decoders: every precision x attention x checkpointing, two shapes.
     for cname, cfg in TINY.items():
         for prec in PRECISIONS:
@@ -170,29 +174,29 @@ def _points() -> Iterator[tuple[str, Callable[[], Any]]]:
             key = f"dec-profile/{gname}/{prec}/{attn}/ckpt={ckpt}"
             yield key, lambda cfg=cfg, prec=prec, attn=attn, ckpt=ckpt: dsm(
                 cfg, micro_batch=1, seq_len=2048, precision=prec, attn=attn, grad_ckpt=ckpt)
-    # 4. Helpers exported by activations.
+    # 4. The decoder's helpers (decoder, decoder_config, step_memory, ops, optimizer_phase).
     for cname in ("qwen2", "gemma-mqa", "phi3-mha"):
         for prec in PRECISIONS:
             for attn in ("eager", "sdpa"):
                 yield f"layer_saved/{cname}/{prec}/{attn}", lambda cname=cname, prec=prec, attn=attn: \
-                    act.layer_saved_bytes(TINY[cname], micro_batch=2, seq_len=128, precision=prec, attn=attn)
+                    dec.layer_saved_bytes(TINY[cname], micro_batch=2, seq_len=128, precision=prec, attn=attn)
         for item in (2, 4):
-            yield f"buffers/{cname}/{item}", lambda cname=cname, item=item: act.decoder_buffer_bytes(TINY[cname], item)
+            yield f"buffers/{cname}/{item}", lambda cname=cname, item=item: dcfg.decoder_buffer_bytes(TINY[cname], item)
     for prec in PRECISIONS:
         for tokens in (1, 333, 4096):
-            yield f"logits_loss/{prec}/{tokens}", lambda prec=prec, tokens=tokens: act.logits_loss_bytes(
+            yield f"logits_loss/{prec}/{tokens}", lambda prec=prec, tokens=tokens: sm.logits_loss_bytes(
                 32000, tokens, prec)
     for s in (1, 127, 500, 4096):
         for hd in (32, 100, 128, 256):
-            yield f"flash_ws/{s}/{hd}", lambda s=s, hd=hd: act.flash_backward_workspace(2, s, 8, 2, hd, 2)
+            yield f"flash_ws/{s}/{hd}", lambda s=s, hd=hd: ops.flash_backward_workspace(2, s, 8, 2, hd, 2)
     q_lora = variants["qwen2/lora-attn"]["params"]
-    yield "autocast_cache/qwen2-lora", lambda: act.autocast_weight_cache_bytes(q_lora)
-    yield "autocast_cache/qwen2-all", lambda: act.autocast_weight_cache_bytes(_inventory(TINY["qwen2"]))
+    yield "autocast_cache/qwen2-lora", lambda: sm.autocast_weight_cache_bytes(q_lora)
+    yield "autocast_cache/qwen2-all", lambda: sm.autocast_weight_cache_bytes(_inventory(TINY["qwen2"]))
     for n in (0, 1, 7):
-        yield f"clip/{n}", lambda n=n: act.clip_grad_norm_temporaries_bytes(n)
+        yield f"clip/{n}", lambda n=n: opt.clip_grad_norm_temporaries_bytes(n)
     for impl in OptimizerImpl:
         for item in (2, 4):
-            yield f"opt_tmp/{impl.name}/{item}", lambda impl=impl, item=item: act.optimizer_step_temporaries_bytes(
+            yield f"opt_tmp/{impl.name}/{item}", lambda impl=impl, item=item: opt.optimizer_step_temporaries_bytes(
                 impl, [1000, 1, 123457, 4096], item)
     # 5. Encoders, tiny: the trace tests' grid and more.
     dtypes = ((4, True), (4, False), (2, False))
@@ -290,8 +294,8 @@ def _record(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         out: dict[str, Any] = dataclasses.asdict(value)
         out["__type__"] = type(value).__name__
-        if isinstance(value, act.StepMemory):
-            out.update({f"phase_bytes.{p}": value.phase_bytes(p) for p in act.PHASES}, peak_bytes=value.peak_bytes)
+        if isinstance(value, sm.StepMemory):
+            out.update({f"phase_bytes.{p}": value.phase_bytes(p) for p in sm.PHASES}, peak_bytes=value.peak_bytes)
         if isinstance(value, enc.EncoderMemory):
             out.update(forward_peak_bytes=value.forward_peak_bytes, backward_peak_bytes=value.backward_peak_bytes,
                        peak_bytes=value.peak_bytes)

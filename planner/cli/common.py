@@ -14,15 +14,8 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from planner.profile.architectures import ProfileError
+from planner.errors import ProfileError
 from planner.units import parse_size
-
-DEFAULT_MODEL = "minicpm-o-2.6"
-DEFAULT_GPUS = "2x3090"
-# The reference report (shared/reference/minicpm-o.md): MiniCPM-o's own script never builds the
-# audio encoder, its projector or the TTS (init_audio=False, init_tts=False); the vision tower is
-# frozen (--tune_vision false); the LLM and the resampler are trained.
-REFERENCE_GROUPS = {"without": ("apm", "audio_projection_layer", "tts"), "freeze": ("vpm",)}
 
 
 class UserError(click.ClickException):
@@ -170,6 +163,7 @@ profiles_dir_option = click.option(
 
 def make_cluster_noted(gpus: str | None, catalog: Any, host_ram: int | None, notes: list[str]) -> Any:
     from planner.profile.hardware import make_cluster
+    from planner.workload.reference import DEFAULT_GPUS
 
     if gpus is not None:
         cluster = make_cluster(gpus, catalog, host_ram)
@@ -182,17 +176,3 @@ def make_cluster_noted(gpus: str | None, catalog: Any, host_ram: int | None, not
     if cluster.note:
         notes.append(cluster.note)
     return cluster
-
-
-def load_model(name: str, catalog: Any) -> Any:
-    """A ModelSpec from a profile name or hub id, or from a local config.json / folder."""
-    from planner.profile.catalog import build_model
-    from planner.profile.hf_config import find_config, model_from_config
-
-    if catalog.has_model(name):
-        return build_model(catalog.model(name))
-    if find_config(name) is not None:
-        return model_from_config(name)
-    if Path(name).expanduser().exists():
-        raise ProfileError(f"--model {name}: no config.json there")
-    return build_model(catalog.model(name))  # raises with close matches

@@ -16,12 +16,12 @@ import click
 
 from planner.cli.common import (
     UserError,
-    load_model,
     parse_image_size,
     parse_size_arg,
     profiles_dir_option,
     user_errors,
 )
+from planner.profile.load import load_model
 
 EXPLAIN_EPILOG = """\b
 Examples:
@@ -158,7 +158,7 @@ def _model(name: str | None, merged: Any, catalog: Any) -> tuple[Any, str | None
 
 def _cluster(gpus: str | None, hints: Any, catalog: Any, host_ram: int | None, notes: list[str]) -> Any:
     """--gpus (a bare GPU name takes its count from the launcher), else the detected GPUs."""
-    from planner.profile.architectures import ProfileError
+    from planner.errors import ProfileError
     from planner.profile.hardware import make_cluster
 
     counts = ""

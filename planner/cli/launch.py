@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -46,12 +45,14 @@ def run_plan(out_dir: Path, target: str, script: Path | None, hostfile: Path | N
              max_retries: int, dry_run: bool, extra: tuple[str, ...]) -> int:
     """Launch (or print) the plan in ``out_dir``; the exit status to return: the last run's.
 
-    Everything a run needs is checked before anything starts (`launch.readiness`); a real launch
+    Everything a run needs is checked before anything starts (`launch.checks.readiness`); a real launch
     stops at the first problem, a dry run prints the command and warns of each.
     """
     from planner.errors import ProfileError
-    from planner.launch.runner import Target, command, exit_status, launch, read_plan, readiness
-    from planner.launch.runner import dry_run as print_command
+    from planner.launch.checks import read_plan, readiness
+    from planner.launch.command import Target, command
+    from planner.launch.command import dry_run as print_command
+    from planner.launch.runner import exit_status, launch
 
     try:
         if dry_run:
@@ -88,12 +89,12 @@ def launch(plan_dir: Path, data: str | None, target: str, script: Path | None, h
 def train(args: tuple[str, ...]) -> None:
     """The built-in trainer: HF Trainer on a plan folder (run it under torchrun; see
     `memplan train --help`)."""
+    from planner.errors import require_extra
+
+    try:
+        require_extra("memplan train", "torch", "transformers")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     from planner.train.run import main as train_main
 
     sys.exit(train_main(list(args)))
-
-
-def register(main: Any) -> None:
-    """Add the commands to the ``memplan`` group."""
-    main.add_command(launch)
-    main.add_command(train)

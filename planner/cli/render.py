@@ -14,7 +14,7 @@ from rich.text import Text
 
 from planner.estimate.result import Budget, Category, Estimate
 from planner.search.search import summarize_rejections
-from planner.units import GIB, MIB
+from planner.units import GIB, format_bytes
 
 # One colour per category, shared by table headers and bars.
 _COLORS = {
@@ -39,11 +39,8 @@ _LABELS = {
 }
 
 
-def gib(nbytes: int) -> str:
-    """Bytes as GiB with two decimals (MiB below 1 GiB)."""
-    if abs(nbytes) < GIB and nbytes != 0:
-        return f"{nbytes / MIB:.1f} MiB"
-    return f"{nbytes / GIB:.2f} GiB"
+gib = format_bytes
+"""Bytes as GiB with two decimals (MiB below 1 GiB): `units.format_bytes`."""
 
 
 def count(n: int) -> str:

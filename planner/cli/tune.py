@@ -12,13 +12,10 @@ from pathlib import Path
 import click
 
 from planner.cli.common import (
-    DEFAULT_MODEL,
-    REFERENCE_GROUPS,
     FiniteFloat,
     PassThroughCommand,
     UserError,
     json_text,
-    load_model,
     make_cluster_noted,
     parse_image_size,
     parse_names,
@@ -28,6 +25,9 @@ from planner.cli.common import (
     user_errors,
 )
 from planner.cli.launch import launch_options
+from planner.profile.load import load_model
+from planner.workload.options import Precision
+from planner.workload.reference import DEFAULT_MODEL
 
 TUNE_EPILOG = """\b
 Examples:
@@ -53,7 +53,7 @@ Examples:
 @click.option("--must-train", multiple=True, callback=parse_names,
               help="Groups/parts trained fully in every candidate (no LoRA, no freezing).")
 @click.option("--lora-rank", type=click.IntRange(min=1), default=None, help="Request LoRA of this rank.")
-@click.option("--precision", type=click.Choice(["amp-bf16", "amp-fp16", "pure-bf16", "fp32"]), default=None,
+@click.option("--precision", type=click.Choice([p.value for p in Precision]), default=None,
               help="Insist on this precision. [default: the search chooses]")
 @click.option("--seq-len", type=click.IntRange(min=2), default=1024, show_default=True,
               help="Requested context per sample (image and audio tokens included).")
@@ -99,8 +99,11 @@ def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | 
     DeepSpeed config, trainer arguments and launch scripts into --out."""
     from planner.plan import FULL_LEARNING_RATE, LORA_LEARNING_RATE, TrainerSettings, make_plan
     from planner.profile.catalog import load_catalog
-    from planner.search.search import Constraints, Request, SearchSpace, fixes, search
+    from planner.search.fixes import fixes
+    from planner.search.search import search
+    from planner.search.space import Constraints, Request, SearchSpace
     from planner.workload.options import LoraOptions
+    from planner.workload.reference import default_images, minicpm_not_built, select
     from planner.writers import write_plan_folder
 
     if extra and not launch_run:  # before anything is searched or written
@@ -110,30 +113,23 @@ def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | 
             raise UserError(f"{name}: needs a path (no empty text, no NUL byte)")
     catalog = load_catalog(profiles_dirs)
     notes: list[str] = list(catalog.notes)
-    if model is None and train is None and freeze is None and without is None and lora_rank is None:
-        without, freeze = REFERENCE_GROUPS["without"], REFERENCE_GROUPS["freeze"]
-        max_slice_nums = 1 if max_slice_nums is None else max_slice_nums
-        notes.append(f"no --model: tuning the reference setup: {DEFAULT_MODEL} as its finetune.py builds it, "
-                     "vpm frozen, LLM and resampler trained, one image cut into at most 1 slice")
-    spec = load_model(model or DEFAULT_MODEL, catalog)
+    sel = select(model, train, freeze, without, lora_rank, max_slice_nums)
+    notes += [sel.note] if sel.note else []
+    spec = load_model(sel.model, catalog)
     if model_path is None and model is not None and not catalog.has_model(model):
         from planner.profile.hf_config import find_config
 
         config = find_config(model)
         if config is not None:  # a local model: the trainers load the weights from its folder
             model_path = str(config.resolve().parent)
-    if target == "minicpm" and without is None:
-        without = tuple(g.name for g in spec.groups if g.name in ("apm", "audio_projection_layer", "tts"))
+    groups_out = sel.without
+    if target == "minicpm" and without is None and sel.note is None:
+        groups_out = minicpm_not_built(spec)  # setups MiniCPM's finetune.py can run build no audio or TTS
     cluster = make_cluster_noted(gpus, catalog, host_ram, notes)
-    built = {g.name for g in spec.groups} - set(without or ())
-    has_vision = any(g.kind == "siglip_vision" and g.name in built for g in spec.groups)
-    if images is None:
-        images = 1 if has_vision else 0
-    if images and not has_vision:
-        raise UserError(f"--images {images}: {spec.name} has no vision tower in this run")
+    images = default_images(spec, groups_out, images)
     request = Request(
-        seq_len=seq_len, images=images, image_size=image_size, max_slice_nums=max_slice_nums or 9,
-        audio_seconds=audio_seconds, train=train, freeze=freeze or (), without=without or (),
+        seq_len=seq_len, images=images, image_size=image_size, max_slice_nums=sel.max_slice_nums or 9,
+        audio_seconds=audio_seconds, train=sel.train, freeze=sel.freeze, without=groups_out,
         lora=LoraOptions(rank=lora_rank) if lora_rank else None, precision=precision, global_batch=global_batch,
     )
     constraints = Constraints(must_train=must_train or (), min_seq_len=min_seq_len, min_slice_nums=min_slices,

@@ -3,10 +3,11 @@
 Part of the estimate stage; pure arithmetic (no torch, no I/O). Each encoder's forward is written
 out op by op as the real code runs it (transformers 5.24 ``models/siglip/modeling_siglip.py``,
 ``models/whisper/modeling_whisper.py``; MiniCPM-V 2.6 / o 2.6 ``resampler.py`` with torch 2.13
-``F.multi_head_attention_forward``) on the step tape (``planner.estimate.tape``: the ledger, the
-autograd replay, checkpoint recomputation and autocast's weight cache, shared with the decoder),
-and Python references die where the real code drops them. Checkpoint regions follow
-``Recompute.AT_UNPACK`` and a weight used by several chunks ``GradSum.FIRST_IN_PLACE``.
+``F.multi_head_attention_forward``) on the step tape (``planner.estimate.tape``: the autograd
+replay and checkpoint recomputation, on ``planner.estimate.ledger``, with the ops of
+``planner.estimate.ops`` and autocast's weight cache; shared with the decoder), and Python
+references die where the real code drops them. Checkpoint regions follow ``Recompute.AT_UNPACK``
+and a weight used by several chunks ``GradSum.FIRST_IN_PLACE``.
 
 The closed forms these replays reduce to, their sources and the comparison with a traced step
 (``planner.judge.trace``, tests/estimate/test_encoders_vs_trace.py) are in docs/encoders.md.
@@ -23,18 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from planner.estimate.tape import (
-    ALLOC_GRANULE_BYTES,
-    BOOL,
-    EFFICIENT_LSE_ROUND,
-    FP32,
-    HALF,
-    INT64,
-    GradSum,
-    Recompute,
-    Tape,
-    Tensor,
-)
+from planner.estimate.ledger import ALLOC_GRANULE_BYTES, BOOL, FP32, HALF, INT64, Tensor
+from planner.estimate.ops import EFFICIENT_LSE_ROUND
+from planner.estimate.tape import GradSum, Recompute, Tape
 
 __all__ = [
     "ALLOC_GRANULE_BYTES", "ATTENTIONS", "BOOL", "EFFICIENT_LSE_ROUND", "FP32", "HALF", "INT64", "PHASES",

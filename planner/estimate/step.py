@@ -1,7 +1,7 @@
 """The step's own memory as items: activations and temporaries of every group that runs, placed in
 the phases where they are alive, next to the model states.
 
-Pure arithmetic. Decoder LLMs come from `activations.decoder_step_memory` (checked against traced
+Pure arithmetic. Decoder LLMs come from `decoder.decoder_step_memory` (checked against traced
 steps, docs/activations.md).
 """
 

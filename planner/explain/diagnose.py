@@ -1,5 +1,6 @@
 """Diagnosis of a setup the user already has: its estimate, the budget that binds and where, the
-smallest changes that make it fit (found by `planner.search.search` with the setup as the request), and
+smallest changes that make it fit (found by `planner.search.search` with the setup as the request, and
+on the bigger clusters of `planner.search.fixes`' ladders), and
 the known traps that apply to it, each with its numbers.
 
 After the search in the flow (profile -> workload -> estimate -> search -> **diagnose**), fed by the
@@ -20,24 +21,14 @@ from planner.explain.traps import Trap, find_traps
 from planner.plan import group_plans
 from planner.profile.catalog import ModelSpec
 from planner.profile.hardware import Cluster
-from planner.search.search import (
-    DEFAULT_MARGIN,
-    HOST_RAM_SIZES_GIB,
-    MINICPM_GROUPS,
-    Candidate,
-    Constraints,
-    GiveUp,
-    Request,
-    SearchSpace,
-    search,
-)
+from planner.search.fixes import more_gpus, more_host_ram
+from planner.search.search import search
+from planner.search.space import DEFAULT_MARGIN, Candidate, Constraints, GiveUp, Request, SearchSpace
 from planner.speed.step_time import step_time
 from planner.units import GIB
 from planner.workload.inventory import Workload, trainable_inventory
 from planner.workload.options import Engine, Offload, Optimizer, Precision, TrainingOptions
-
-MAX_GPUS = 64
-"""The most GPUs a "more GPUs" fix offers (as `search.more_gpus_fix`)."""
+from planner.workload.reference import MINICPM_BUILDS
 
 
 @dataclass(frozen=True)
@@ -146,7 +137,7 @@ def _target(setup: FileSetup, model: ModelSpec) -> str:
     if setup.trainer == "llamafactory":
         return "llamafactory"
     built = {g.name for g in model.groups} - set(setup.options.without)
-    return "minicpm" if setup.trainer == "minicpm" and built == MINICPM_GROUPS else "builtin"
+    return "minicpm" if setup.trainer == "minicpm" and built == MINICPM_BUILDS else "builtin"
 
 
 def _space(o: TrainingOptions) -> SearchSpace:
@@ -169,7 +160,8 @@ def find_fixes(model: ModelSpec, cluster: Cluster, setup: FileSetup, est: Estima
     Sources: the search over the user's cluster with the setup as the request (same trainer, same
     global batch); the setup itself with the smallest common host RAM size that holds it; and,
     when no setup that gives nothing up fits the cluster, the smallest host RAM or GPU count with
-    which one does (as `search.host_ram_fix` / `search.more_gpus_fix`).
+    which one does (the ladders `fixes.more_host_ram` / `fixes.more_gpus` that `memplan tune`'s
+    `fixes.host_ram_fix` / `fixes.more_gpus_fix` climb).
     """
     request = _request(setup, cluster)
     constraints = Constraints(margin=margin, target=_target(setup, model))
@@ -179,9 +171,8 @@ def find_fixes(model: ModelSpec, cluster: Cluster, setup: FileSetup, est: Estima
     out = [_remedy(model, setup, cluster, c, cluster) for c in result.candidates]
     gpu_cap = cluster.gpu_memory_bytes * (1 - margin)
     if est.per_gpu.total_bytes <= gpu_cap and est.host.total_bytes > cluster.host_ram_bytes * (1 - margin):
-        for size in HOST_RAM_SIZES_GIB:
-            if size * GIB * (1 - margin) >= est.host.total_bytes and size * GIB > cluster.host_ram_bytes:
-                bigger = replace(cluster, host_ram_bytes=size * GIB, note=None)
+        for bigger in more_host_ram(cluster):
+            if bigger.host_ram_bytes * (1 - margin) >= est.host.total_bytes:
                 again = estimate(model, bigger, setup.options, setup.workload, setup.zero)
                 params = trainable_inventory(model, setup.options)
                 speed = step_time(model, params, bigger, setup.options, setup.workload, setup.zero)
@@ -192,7 +183,7 @@ def find_fixes(model: ModelSpec, cluster: Cluster, setup: FileSetup, est: Estima
                 evaluated += 1
                 break
     if not any(not r.gives_up for r in out):
-        for bigger_clusters in (_more_ram(cluster), _more_gpus(cluster)):
+        for bigger_clusters in (more_host_ram(cluster), more_gpus(cluster)):
             for bigger in bigger_clusters:
                 req = request.model_copy(update={"global_batch": _batch(request, bigger)})
                 found = search(model, bigger, req, constraints, space, top=1)
@@ -211,24 +202,6 @@ def find_fixes(model: ModelSpec, cluster: Cluster, setup: FileSetup, est: Estima
 def _batch(request: Request, cluster: Cluster) -> int:
     world = cluster.world_size
     return -(-request.global_batch // world) * world
-
-
-def _more_ram(cluster: Cluster):
-    """The same GPUs with the common host RAM sizes above the cluster's, smallest first."""
-    for size in HOST_RAM_SIZES_GIB:
-        if size * GIB > cluster.host_ram_bytes:
-            yield replace(cluster, host_ram_bytes=size * GIB, note=None)
-
-
-def _more_gpus(cluster: Cluster):
-    """More GPUs of the same kind and RAM per node: up to 8 per node, then more nodes."""
-    nodes, per_node = cluster.nodes, cluster.gpus_per_node
-    while nodes * per_node < MAX_GPUS:
-        if per_node < 8:
-            per_node *= 2
-        else:
-            nodes *= 2
-        yield replace(cluster, nodes=nodes, gpus_per_node=per_node, note=None)
 
 
 EDIT_SETTINGS = frozenset({

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from planner.errors import ProfileError
 from planner.estimate.states import (
     DS_MAX_LIVE_PARAMETERS,
     DS_PERSISTENCE_THRESHOLD,
@@ -24,7 +25,11 @@ from planner.estimate.states import (
     DS_SUB_GROUP_SIZE,
     ZeroSettings,
 )
-from planner.explain.readers import AUTO, DS_AUTO, Problem, Reading, Setting, check_text, read_file
+from planner.explain.inputs import check_text
+from planner.explain.keys import AUTO, DS_AUTO
+from planner.explain.merged import Merged
+from planner.explain.readers import Problem, Reading, Setting
+from planner.explain.recognise import read_file
 from planner.explain.rules import (
     DEFAULTS,
     LF_FLASH_ATTN,
@@ -34,7 +39,7 @@ from planner.explain.rules import (
     optimizer_of,
     precision_of,
 )
-from planner.profile.architectures import ProfileError
+from planner.explain.scripts import read_script
 from planner.profile.catalog import ModelSpec
 from planner.workload.inventory import Workload
 from planner.workload.options import Attention, Engine, Offload, TrainingOptions, ZeroStage
@@ -51,26 +56,6 @@ DS_DEFAULTS: dict[str, Any] = {
     "stage3_max_live_parameters": DS_MAX_LIVE_PARAMETERS,
 }
 """DeepSpeed 0.19.8's defaults for keys a config leaves out (zero/config.py, offload_config.py)."""
-
-
-@dataclass
-class Merged:
-    """Every file's settings merged, with the trainer they are for."""
-
-    readings: list[Reading]
-    trainer: str
-    settings: dict[str, Setting]
-    problems: list[Problem] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def deepspeed(self) -> bool:
-        """Whether the run goes through DeepSpeed (a DeepSpeed file was read)."""
-        return any(r.kind == "deepspeed" for r in self.readings) or "zero_stage" in self.settings
-
-    def value(self, name: str, default: Any = None) -> Any:
-        got = self.settings.get(name)
-        return default if got is None or got.value == AUTO else got.value
 
 
 @dataclass(frozen=True)
@@ -104,8 +89,6 @@ def read_files(paths: Sequence[str | Path], arg_strings: Sequence[str] = ()) -> 
     Raises:
         ProfileError: a file is unreadable or malformed, or names a DeepSpeed file that does not exist.
     """
-    from planner.explain.scripts import read_script
-
     readings = [read_file(p) for p in paths]
     for i, a in enumerate(arg_strings):
         check_text(a, f"--args #{i + 1}")

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from planner.errors import ProfileError
+from planner.explain.merged import Merged
 from planner.explain.readers import Problem
-from planner.profile.architectures import ProfileError
 from planner.profile.catalog import ModelSpec
 from planner.workload.options import Attention, Engine, LoraOptions, Optimizer, Precision
-
-if TYPE_CHECKING:
-    from planner.explain.from_files import Merged
 
 HF_DEFAULTS: dict[str, tuple[Any, str]] = {
     "micro_batch": (8, "per_device_train_batch_size"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from planner.errors import ProfileError
 from planner.explain.keys import MINICPM_EXTRA, MINICPM_IGNORED, MINICPM_KEYS
 from planner.explain.readers import (
     Problem,
@@ -22,7 +23,6 @@ from planner.explain.readers import (
     read_trainer_key,
 )
 from planner.explain.shell import Command, ShellError, parse_script
-from planner.profile.architectures import ProfileError
 
 _LAUNCHERS = {"torchrun", "deepspeed", "accelerate", "python", "python3", "torch.distributed.run",
               "torch.distributed.launch"}

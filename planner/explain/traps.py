@@ -13,13 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from planner.estimate import Estimate, estimate
-from planner.estimate.decoder import logits_loss_bytes
 from planner.estimate.result import Category, Phase
+from planner.estimate.step_memory import logits_loss_bytes
 from planner.explain.from_files import FileSetup
 from planner.plan import group_plans
 from planner.profile.catalog import ModelSpec
 from planner.profile.hardware import Cluster
-from planner.units import GIB
+from planner.units import format_bytes
 from planner.workload.options import Engine, Precision, ZeroStage
 
 IMAGE_SHARE = 0.5
@@ -53,9 +53,8 @@ def _row(est: Estimate, group: str, place: str, *cats: Category) -> int:
     return 0
 
 
-def gib_text(n: int) -> str:
-    """Bytes as GiB (MiB below one GiB), for the traps' sentences."""
-    return f"{n / GIB:.2f} GiB" if n >= GIB or n == 0 else f"{n / 2**20:.1f} MiB"
+gib_text = format_bytes
+"""Bytes as GiB (MiB below one GiB), for the traps' sentences: `units.format_bytes`."""
 
 
 _ZERO_FIELD = {"reduce_bucket_size": "reduce_bucket_size", "stage3_prefetch_bucket_size": "prefetch_bucket_size",

@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from planner.errors import ProfileError
 from planner.estimate.result import Category, Phase
-from planner.profile.architectures import ProfileError
 from planner.profile.catalog import Catalog, ModelSpec
 
 # MemTracker's categories (planner.judge.trace) -> ours. "other" is the step's inputs (input_ids, labels).
@@ -82,7 +82,8 @@ def compare_trace(spec: ModelSpec, catalog: Catalog, *, precision: str, optimize
                   progress: Callable[[str], None] | None = None) -> TraceReport:
     """Trace the model's LLM and estimate the same step; pair the figures."""
     from planner.estimate import estimate
-    from planner.judge.trace import TraceRequest, trace_step
+    from planner.judge.protocol import TraceRequest
+    from planner.judge.trace import trace_step
     from planner.profile.catalog import Group
     from planner.profile.hardware import Cluster
     from planner.workload.inventory import Workload

@@ -10,12 +10,12 @@ made with. It is the best candidate of that search with a cap on the budget that
 from __future__ import annotations
 
 from planner.errors import ProfileError
-from planner.launch.runner import RETRY_HEADROOM, Failure
+from planner.launch.failures import RETRY_HEADROOM, Failure
 from planner.plan import Plan, make_plan
 from planner.profile.catalog import ModelSpec, build_model, load_catalog
 from planner.profile.hardware import Cluster
 from planner.search.search import search
-from planner.units import GIB
+from planner.units import format_bytes
 
 REPLAN_HINT = "re-plan with memplan tune (and its --profiles-dir) to get a plan that records its specs"
 
@@ -86,16 +86,12 @@ def step_down(plan: Plan, failure: Failure) -> tuple[Plan, str] | None:
     new = make_plan(model, plan.model.path, cluster, chosen, plan.global_batch, plan.request, constraints,
                     plan.trainer, plan.notes, plan.space)
     where = "per GPU" if failure is Failure.GPU_OOM else "host RAM"
-    return new, f"{describe_change(plan, new)}; {where} {_gib(_bytes(plan, failure))} -> " \
-                f"{_gib(_bytes(new, failure))} (cap {_gib(cap)})"
+    return new, f"{describe_change(plan, new)}; {where} {format_bytes(_bytes(plan, failure))} -> " \
+                f"{format_bytes(_bytes(new, failure))} (cap {format_bytes(cap)})"
 
 
 def _bytes(plan: Plan, failure: Failure) -> int:
     return plan.per_gpu_bytes if failure is Failure.GPU_OOM else plan.host_bytes
-
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
 
 
 def describe_change(old: Plan, new: Plan) -> str:

@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from planner.profile.architectures import Part, ProfileError, TensorSpec, build_tensors
+from planner.errors import ProfileError
+from planner.profile.architectures import Part, TensorSpec, build_tensors
 from planner.units import MIB
 
 PROFILES_ENV = "MEMPLAN_PROFILES"

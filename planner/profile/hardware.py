@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from planner.profile.architectures import ProfileError
+from planner.errors import ProfileError
 from planner.profile.catalog import Catalog, GpuSpec
 from planner.units import KIB, MAX_SIZE_BYTES
 

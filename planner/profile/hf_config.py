@@ -12,7 +12,8 @@ import os
 import re
 from pathlib import Path
 
-from planner.profile.architectures import Part, ProfileError, TensorKind, TensorSpec, check_config_bounds
+from planner.errors import ProfileError, require_extra
+from planner.profile.architectures import Part, TensorKind, TensorSpec, check_config_bounds
 from planner.profile.catalog import Group, ModelSpec
 
 _LAYER_RE = re.compile(r"\.(layers|h|blocks|layer)\.\d+\.")
@@ -69,6 +70,15 @@ def _part(name: str, llm_prefix: str) -> Part:
     return Part.NORM
 
 
+MAX_CONFIG_BYTES = 4 * 2**20
+"""A model's config.json is a few KiB (MiniCPM-o 2.6's, with its nested configs, 6 KiB); one over
+4 MiB is not a config (bytes)."""
+
+
+def _no_constant(name: str) -> float:
+    raise json.JSONDecodeError(f"{name} is not strict JSON", name, 0)
+
+
 def model_from_config(path: str | Path) -> ModelSpec:
     """Build the transformers model described by a config.json on the meta device and group its
     parameters.
@@ -84,8 +94,14 @@ def model_from_config(path: str | Path) -> ModelSpec:
     if cfg_path is None:
         raise ProfileError(f"--model {path}: no config.json there")
     try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
+        if not cfg_path.is_file():
+            raise ProfileError(f"{cfg_path}: not a regular file")
+        with open(cfg_path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ProfileError(f"{cfg_path}: over {MAX_CONFIG_BYTES // 2**20} MiB, not a model's config.json")
+        raw = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except (OSError, UnicodeDecodeError, RecursionError) as exc:
         raise ProfileError(f"{cfg_path}: cannot read: {exc}") from None
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{cfg_path}: not valid JSON: {exc.msg} (line {exc.lineno})") from None
@@ -94,6 +110,7 @@ def model_from_config(path: str | Path) -> ModelSpec:
     check_config_bounds(raw, f"{cfg_path}: ")  # before transformers builds 200,000 layers
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    require_extra("reading a local config.json", "torch", "transformers")
     import torch
     import transformers
 

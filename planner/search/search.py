@@ -1,9 +1,10 @@
 """Search: enumerate training setups, prune them with the estimate, rank what fits by speed.
 
 Fourth stage of the flow (profile -> workload -> estimate -> **search** -> plan -> writers).
-The space is declarative (`SearchSpace`); what the user asked for is a `Request`, what must hold
-is a set of `Constraints`. Every candidate says what it gives up against the request, every
-rejected one which budget it broke and by how much. docs/tune.md explains the ranking.
+The space is declarative (`space.SearchSpace`); what the user asked for is a `Request`, what must
+hold is a set of `Constraints` (both in `space`). Every candidate says what it gives up against the
+request, every rejected one which budget it broke and by how much. docs/tune.md explains the
+ranking; `fixes` looks outside the space when nothing (or nothing as asked) fits.
 
 How the search stays fast (the whole default space for MiniCPM-o on 2x3090 in well under two
 seconds): relaxations of the request are tried in the order they rank, and the next one only
@@ -16,21 +17,29 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
+from planner.errors import ProfileError
 from planner.estimate import Estimate, estimate
 from planner.estimate.states import ZeroSettings
-from planner.profile.architectures import ProfileError
 from planner.profile.catalog import ModelSpec
 from planner.profile.hardware import Cluster
+from planner.search.space import (
+    DEFAULT_GLOBAL_BATCH,
+    SEQ_LEN_STEP,
+    Candidate,
+    Constraints,
+    GiveUp,
+    Rejection,
+    Request,
+    SearchResult,
+    SearchSpace,
+)
 from planner.speed.step_time import StepTime, step_time
-from planner.units import GIB, MAX_SIZE_BYTES
 from planner.workload.inventory import (
     MAX_CROPS_PER_MICRO_STEP,
-    MAX_SAMPLES,
     Workload,
     check_media,
     parse_selection,
@@ -38,7 +47,6 @@ from planner.workload.inventory import (
     untrained,
 )
 from planner.workload.options import (
-    Attention,
     Engine,
     LoraOptions,
     Offload,
@@ -49,198 +57,7 @@ from planner.workload.options import (
     attention_problem,
     precision_problem,
 )
-
-DEFAULT_GLOBAL_BATCH = 16
-"""Samples per optimizer step when the user names none: a common supervised fine-tuning batch
-(LLaMA-Factory's SFT examples: 1 per device x 8 accumulation x 2 GPUs; MiniCPM-o's script: 1 x 1 x
-8 GPUs = 8). Rounded up to a multiple of the GPU count."""
-
-DEFAULT_MARGIN = 0.05
-"""Fraction of each budget (GPU memory, host RAM) kept free. The estimate already counts the
-allocator's usual reserve (docs/runtime.md); this is room for what it cannot see (a longer sample,
-a fragmentation spike)."""
-
-SEQ_LEN_STEP = 64
-"""Shortened contexts are multiples of 64 tokens (tensor-core friendly, and a round number)."""
-
-MINICPM_GROUPS = frozenset({"llm", "vpm", "resampler"})
-"""The groups MiniCPM-o's finetune.py builds (init_audio=False, init_tts=False)."""
-
-HOST_RAM_SIZES_GIB = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
-"""Host RAM sizes a fix suggests: what workstation and server boards are sold with."""
-
-
-class GiveUp(BaseModel):
-    """One thing a candidate gives up against the request.
-
-    ``severity`` orders them (docs/tune.md): 1 changes the numerics but trains the same weights on
-    the same data (pure bf16, 8-bit optimizer states); 2 trains on less of each sample (shorter
-    context, fewer image slices); 3 trains fewer weights (LoRA instead of full, a frozen group).
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    kind: str
-    text: str
-    severity: int = Field(ge=1, le=3)
-
-
-class Request(BaseModel):
-    """What the user asked for: each sample's content and what trains, as `memplan estimate`
-    takes it. The search honours it first and relaxes it only when that does not fit. Its
-    sample is bounded as `Workload` is (`search` checks it first)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    seq_len: int = Field(default=1024, ge=2)
-    images: int = Field(default=0, ge=0)
-    image_size: tuple[int, int] | None = None
-    max_slice_nums: int = Field(default=9, gt=0)
-    audio_seconds: float = Field(default=0.0, ge=0)
-    train: tuple[str, ...] | None = None
-    freeze: tuple[str, ...] = ()
-    without: tuple[str, ...] = ()
-    lora: LoraOptions | None = None
-    precision: Precision | None = None
-    """A precision the user insists on; None lets the search choose."""
-    global_batch: int | None = Field(default=None, gt=0, le=MAX_SAMPLES)
-    """Samples per optimizer step, all GPUs together; None: DEFAULT_GLOBAL_BATCH."""
-
-    def workload(self, seq_len: int | None = None, max_slice_nums: int | None = None, micro_batch: int = 1,
-                 grad_accum: int = 1) -> Workload:
-        """The workload of one candidate."""
-        return Workload(
-            micro_batch=micro_batch,
-            grad_accum=grad_accum,
-            seq_len=seq_len or self.seq_len,
-            images=self.images,
-            max_slice_nums=max_slice_nums or self.max_slice_nums,
-            audio_seconds=self.audio_seconds,
-            **({"image_size": self.image_size} if self.image_size else {}),
-        )
-
-
-class Constraints(BaseModel):
-    """What every candidate must keep."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    must_train: tuple[str, ...] = ()
-    """Groups or parts trained fully in every candidate (no LoRA, no freezing)."""
-    min_seq_len: int | None = Field(default=None, ge=2)
-    """Shortest context allowed; None: half the requested one."""
-    min_slice_nums: int | None = Field(default=None, gt=0)
-    """Fewest image slices allowed; None: 1."""
-    margin: float = Field(default=DEFAULT_MARGIN, ge=0, lt=1)
-    nvme_bytes: int = Field(default=0, ge=0, le=MAX_SIZE_BYTES)
-    """NVMe space per node for ZeRO-Infinity offload; 0: no NVMe offload."""
-    target: Literal["builtin", "minicpm", "llamafactory"] = "builtin"
-    """The trainer that will run the plan: only setups it can express are candidates.
-    ``minicpm``: MiniCPM-o's finetune.py (DeepSpeed only; builds llm, vpm, resampler; its LoRA
-    also trains a copy of llm.embed_tokens). ``llamafactory``: no pure bf16 with ZeRO-3."""
-    max_gpu_bytes: int | None = Field(default=None, gt=0, le=MAX_SIZE_BYTES)
-    """A cap below the margin's, per GPU: set after a run died of GPU out-of-memory (launch.py)."""
-    max_host_bytes: int | None = Field(default=None, gt=0, le=MAX_SIZE_BYTES)
-    """A cap below the margin's, per node's host RAM: set after a host out-of-memory kill."""
-
-
-class SearchSpace(BaseModel):
-    """The values each lever may take. The defaults are the space `memplan tune` searches."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    precisions: tuple[Precision, ...] = (Precision.AMP_BF16, Precision.PURE_BF16)
-    """On GPUs without bf16, amp-bf16 becomes amp-fp16 and pure-bf16 is dropped."""
-    optimizers: tuple[Optimizer, ...] = (Optimizer.ADAMW, Optimizer.ADAMW_8BIT)
-    engines: tuple[tuple[Engine, ZeroStage], ...] = (
-        (Engine.TORCH, ZeroStage.DISABLED),
-        (Engine.DEEPSPEED, ZeroStage.OPTIMIZER_STATES),
-        (Engine.DEEPSPEED, ZeroStage.GRADIENTS),
-        (Engine.DEEPSPEED, ZeroStage.PARAMETERS),
-    )
-    offloads: tuple[Offload, ...] = (Offload.NONE, Offload.CPU, Offload.NVME)
-    """NVMe only where Constraints.nvme_bytes says there is some."""
-    grad_ckpt: tuple[bool, ...] = (True, False)
-    attn: tuple[Attention, ...] = (Attention.SDPA,)
-    micro_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    """Tried upwards; each must divide the per-GPU share of the global batch."""
-    seq_len_fractions: tuple[float, ...] = (1.0, 0.75, 0.5)
-    lora_ranks: tuple[int, ...] = (64,)
-    """MiniCPM-o's finetune_lora.sh and LLaMA-Factory's examples use 64 and 8; below 64 the adapters'
-    memory is already small beside the frozen base, so lower ranks rarely decide a fit."""
-    freeze_encoders: bool = True
-    """Offer freezing each trained encoder (vision tower, audio encoder) that is not must-train."""
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One setup that fits, with its estimate, its speed and what it gives up."""
-
-    options: TrainingOptions
-    workload: Workload
-    estimate: Estimate
-    speed: StepTime
-    gives_up: tuple[GiveUp, ...]
-
-    @property
-    def name(self) -> str:
-        """A canonical, readable name; ties in the ranking break on it."""
-        o, w = self.options, self.workload
-        if o.engine is Engine.TORCH:
-            how = "torch"
-        else:
-            how = f"zero{int(o.zero)}"
-            off = [f"{k}={v.value}" for k, v in (("opt", o.offload_optimizer), ("param", o.offload_param))
-                   if v is not Offload.NONE]
-            how += f"[{','.join(off)}]" if off else ""
-        train = f"lora{o.lora.rank}" if o.lora else "full"
-        if o.freeze and o.lora is None:
-            train += "-frz:" + "+".join(o.freeze)
-        parts = [how, o.precision.value, o.optimizer.value, "ckpt" if o.grad_ckpt else "nockpt",
-                 f"mb{w.micro_batch}x{w.grad_accum}", f"seq{w.seq_len}"]
-        if w.images:
-            parts.append(f"slices{w.max_slice_nums}")
-        return " ".join([*parts, train])
-
-    @property
-    def worst(self) -> int:
-        """The most severe give-up (0: the request as asked)."""
-        return max((g.severity for g in self.gives_up), default=0)
-
-    @property
-    def rank_key(self) -> tuple:
-        """Ranking: least severe give-up first, then fewer give-ups, then faster, then the name."""
-        return (self.worst, sum(g.severity for g in self.gives_up), -self.speed.tokens_per_s, self.name)
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A setup that did not fit: which budget broke and by how much (bytes over the usable part)."""
-
-    name: str
-    budget: str
-    over_bytes: int
-    gpu_bytes: int
-    host_bytes: int
-    lower_bound: bool
-    """True when only the estimate without activations was needed to reject it."""
-
-
-@dataclass
-class SearchResult:
-    """Ranked candidates, the rejections and what was tried."""
-
-    candidates: list[Candidate]
-    rejections: list[Rejection]
-    evaluated: int
-    global_batch: int
-    margin: float
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def chosen(self) -> Candidate | None:
-        """The first-ranked candidate, or None when nothing fits."""
-        return self.candidates[0] if self.candidates else None
+from planner.workload.reference import MINICPM_BUILDS
 
 
 @dataclass(frozen=True)
@@ -415,8 +232,8 @@ def _relaxations(model: ModelSpec, request: Request, constraints: Constraints,
     params = trainable_inventory(model, base)  # raises on unknown group names
     if constraints.target == "minicpm":
         built = {p.group for p in params}
-        if built != MINICPM_GROUPS:
-            extra = ", ".join(sorted(built - MINICPM_GROUPS)) or "-"
+        if built != MINICPM_BUILDS:
+            extra = ", ".join(sorted(built - MINICPM_BUILDS)) or "-"
             raise ProfileError(f"--target minicpm: MiniCPM's finetune.py builds only llm, vpm and resampler; "
                                f"this model and request build {', '.join(sorted(built))} (--without {extra})")
     must = constraints.must_train
@@ -558,99 +375,6 @@ def _rejection(options, workload, est: Estimate, gpu_cap: int, host_cap: int, lo
 
 
 _NO_SPEED = StepTime(terms={}, flops_per_step=0.0, tokens_per_step=0)
-
-
-# --- What would make the request fit ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Fix:
-    """A change outside the search space (or a relaxed constraint) and the best setup it allows."""
-
-    change: str
-    candidate: Candidate
-
-
-def host_ram_fix(model: ModelSpec, cluster: Cluster, request: Request, constraints: Constraints,
-                 space: SearchSpace, max_severity: int) -> Fix | None:
-    """The smallest common host RAM size with which a setup giving up at most ``max_severity``
-    fits, and that setup.
-
-    Host RAM only caps what fits (no estimate depends on it): when the next size up does not do,
-    the largest is tried before the ones between, and when that does not do either none will."""
-    sizes = [size for size in HOST_RAM_SIZES_GIB if size * GIB > cluster.host_ram_bytes]
-    for i, size in enumerate(sizes):
-        bigger = replace(cluster, host_ram_bytes=size * GIB)
-        found = _best_within(model, bigger, request, constraints, space, max_severity)
-        if found:
-            return Fix(f"host RAM {cluster.host_ram_bytes / GIB:.0f} -> {size} GiB per node", found)
-        if i == 0 and len(sizes) > 2:
-            largest = replace(cluster, host_ram_bytes=sizes[-1] * GIB)
-            if _best_within(model, largest, request, constraints, space, max_severity) is None:
-                return None
-    return None
-
-
-def _best_within(model: ModelSpec, cluster: Cluster, request: Request, constraints: Constraints,
-                 space: SearchSpace, max_severity: int) -> Candidate | None:
-    """The best candidate on ``cluster`` that gives up at most ``max_severity``."""
-    found = search(model, cluster, request, constraints, space, top=1).candidates
-    return next((c for c in found if c.worst <= max_severity), None)
-
-
-def more_gpus_fix(model: ModelSpec, cluster: Cluster, request: Request, constraints: Constraints,
-                  space: SearchSpace, max_severity: int) -> Fix | None:
-    """The fewest extra GPUs of the same kind (up to 8 per node, then more nodes, up to 64 in all)
-    with which a setup giving up at most ``max_severity`` fits. The global batch is kept when it
-    divides; else it grows to the next multiple."""
-    nodes, per_node = cluster.nodes, cluster.gpus_per_node
-    while nodes * per_node < 64:
-        if per_node < 8:
-            per_node *= 2
-        else:
-            nodes *= 2
-        bigger = replace(cluster, nodes=nodes, gpus_per_node=per_node, note=None)
-        req = request
-        if request.global_batch is not None and request.global_batch % bigger.world_size:
-            req = request.model_copy(update={"global_batch": -(-request.global_batch // bigger.world_size)
-                                             * bigger.world_size})
-        found = _best_within(model, bigger, req, constraints, space, max_severity)
-        if found:
-            return Fix(f"GPUs {cluster.label} -> {bigger.label}", found)
-    return None
-
-
-def fixes(model: ModelSpec, cluster: Cluster, request: Request, constraints: Constraints,
-          space: SearchSpace, result: SearchResult) -> list[Fix]:
-    """The smallest changes that make the request fit as asked (when the chosen plan gives
-    something up), or make anything fit (when nothing does): more host RAM, more GPUs, and the
-    constraints relaxed one at a time. Cheapest first: a constraint before hardware, RAM before
-    GPUs."""
-    chosen = result.chosen
-    target = 0 if chosen is not None else 3
-    if chosen is not None and not chosen.gives_up:
-        return []
-    out: list[Fix] = []
-    if chosen is None:
-        relaxed: list[tuple[str, Constraints]] = []
-        if constraints.must_train:
-            relaxed.append((f"drop --must-train {','.join(constraints.must_train)}",
-                            constraints.model_copy(update={"must_train": ()})))
-        if constraints.min_seq_len and constraints.min_seq_len > 256:
-            relaxed.append((f"--min-seq-len {constraints.min_seq_len} -> 256",
-                            constraints.model_copy(update={"min_seq_len": min(256, request.seq_len)})))
-        if constraints.min_slice_nums and constraints.min_slice_nums > 1:
-            relaxed.append((f"--min-slices {constraints.min_slice_nums} -> 1",
-                            constraints.model_copy(update={"min_slice_nums": 1})))
-        for text, c in relaxed:
-            found = search(model, cluster, request, c, space, top=1).candidates
-            if found:
-                out.append(Fix(text, found[0]))
-    for finder in (host_ram_fix, more_gpus_fix):
-        fix = finder(model, cluster, request, constraints, space, target)
-        if fix is not None:
-            out.append(fix)
-    return out
 
 
 def summarize_rejections(rejections: Sequence[Rejection]) -> dict[str, int]:

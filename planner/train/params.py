@@ -70,7 +70,7 @@ def load_inventory(plan_model_name: str, model_path: str, options: TrainingOptio
     Raises:
         ProfileError: neither a profile nor a local config, or the options select what the model lacks.
     """
-    from planner.profile.architectures import ProfileError
+    from planner.errors import ProfileError
     from planner.profile.catalog import build_model, load_catalog
 
     catalog = load_catalog()

@@ -256,7 +256,7 @@ def _close_process_group() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m planner.train``: user errors are one line on stderr and exit code 2."""
-    from planner.profile.architectures import ProfileError
+    from planner.errors import ProfileError
 
     try:
         return run(argv)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from planner.profile.architectures import Part, ProfileError, TensorKind, TensorSpec
+from planner.errors import ProfileError
+from planner.profile.architectures import Part, TensorKind, TensorSpec
 from planner.profile.catalog import ModelSpec, close_matches
 from planner.workload.media import QUERY_TOKENS, AudioLayout, ImageLayout, audio_layout, image_layout
 from planner.workload.options import LoraOptions, TrainingOptions

@@ -25,6 +25,9 @@ MINICPM_NOT_BUILT = ("apm", "audio_projection_layer", "tts")
 REFERENCE_FREEZE = ("vpm",)
 """The reference report freezes the vision tower (``--tune_vision false``)."""
 
+REFERENCE_GROUPS = {"without": MINICPM_NOT_BUILT, "freeze": REFERENCE_FREEZE}
+"""The reference setup's groups as TrainingOptions fields."""
+
 REFERENCE_NOTE = (f"no --model: planning the reference setup: {DEFAULT_MODEL} as its finetune.py builds it"
                   " (without apm, audio_projection_layer, tts), vpm frozen, LLM and resampler trained,"
                   " one image per sample cut into at most 1 slice")

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from planner.errors import ProfileError
 from planner.plan import MAX_PLAN_BYTES, Plan
-from planner.profile.architectures import ProfileError
 from planner.writers.formats import NotExpressible, deepspeed_config, llamafactory_config, training_args
 from planner.writers.scripts import comment_text, hostfile, launch_script, minicpm_script
 

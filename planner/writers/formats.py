@@ -11,13 +11,12 @@ from typing import Any
 
 from planner.plan import Plan
 from planner.workload.options import Engine, Offload, Precision, ZeroStage
+from planner.workload.reference import MINICPM_BUILDS
 from planner.writers.keymap import KEYMAP, roles, settings
 
 DS_STEPS_PER_PRINT = 10
 """DeepSpeed prints its own step log this often (its default 10)."""
 
-MINICPM_BUILDS = frozenset({"llm", "vpm", "resampler"})
-"""What MiniCPM-o's finetune.py builds (init_audio=False, init_tts=False): docs/trainer-keys.md."""
 
 LLAMAFACTORY_TEMPLATES = {
     "minicpm-o": "minicpm_o",

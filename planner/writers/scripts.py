@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from planner.plan import Plan
+from planner.units import format_bytes
 from planner.writers.formats import minicpm_flags
 
 DEFAULT_MASTER_PORT = 29500
@@ -82,8 +83,8 @@ def _header(plan: Plan, what: str) -> list[str]:
         f"# Written by memplan tune: {comment_text(what)}",
         f"# model {comment_text(plan.model.name)} on {comment_text(plan.cluster.gpus)}; "
         f"plan: {comment_text(plan.candidate)}",
-        f"# estimate: {plan.per_gpu_bytes / 2**30:.2f} GiB per GPU, "
-        f"{plan.host_bytes / 2**30:.2f} GiB host RAM per node; gives up: {comment_text(gives)}",
+        f"# estimate: {format_bytes(plan.per_gpu_bytes)} per GPU, "
+        f"{format_bytes(plan.host_bytes)} host RAM per node; gives up: {comment_text(gives)}",
         "set -euo pipefail",
         'PLAN_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
         *threads,

@@ -168,6 +168,7 @@ def test_profiles_list_and_validate(tmp_path):
     assert result.exit_code == 2 and "add up to 12 parameters but expected_params says 5" in result.output
 
 
+@pytest.mark.judge
 def test_trace_command_agrees_with_estimate(tmp_path):
     """`memplan trace` end to end: the real step of a small Qwen2, traced, against the estimate the
     CLI's own pipeline makes for the same step (plain PyTorch, one GPU)."""

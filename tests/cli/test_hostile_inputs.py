@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from planner.profile.architectures import MAX_LAYERS, ProfileError, check_config_bounds
+from planner.errors import ProfileError
+from planner.profile.architectures import MAX_LAYERS, check_config_bounds
 from planner.profile.catalog import build_model, builtin_profiles_dir, load_catalog, load_file, toml_files
 from planner.profile.hardware import MAX_GPUS_PER_NODE, MAX_WORLD_SIZE, Cluster, make_cluster
 from planner.profile.hf_config import find_config
-from planner.search.search import Constraints, Request, SearchSpace, search
+from planner.search.search import search
+from planner.search.space import Constraints, Request, SearchSpace
 from planner.units import GIB
 from planner.workload.inventory import MAX_IMAGES_PER_SAMPLE, Workload, parse_selection, trainable_inventory, untrained
 from planner.workload.options import Attention, Precision, TrainingOptions

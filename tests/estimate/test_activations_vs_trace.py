@@ -29,18 +29,18 @@ from pathlib import Path
 import pytest
 
 import planner.judge.trace
-from planner.estimate.decoder import (
-    StepMemory,
-    decoder_buffer_bytes,
-    decoder_step_memory,
-    flash_backward_workspace,
-)
+from planner.estimate.decoder import decoder_step_memory
+from planner.estimate.decoder_config import decoder_buffer_bytes
+from planner.estimate.ops import flash_backward_workspace
 from planner.estimate.result import Category, Place
 from planner.estimate.states import model_state_items
-from planner.judge.trace import TraceRequest, TraceResult
+from planner.estimate.step_memory import StepMemory
+from planner.judge.protocol import TraceRequest, TraceResult
 from planner.profile.architectures import TensorKind, TensorSpec, decoder_tensors
 from planner.workload.inventory import Param
 from planner.workload.options import Engine, Optimizer, Precision, TrainingOptions
+
+pytestmark = pytest.mark.judge
 
 TOTAL_TOL = 0.03
 STATES_TOL = 0.01

@@ -29,8 +29,11 @@ from planner.estimate.encoders import (
     vision_tower_memory,
     whisper_encoder_memory,
 )
-from planner.judge.trace import TraceRequest, TraceResult, trace_steps
+from planner.judge.protocol import TraceRequest, TraceResult
+from planner.judge.trace import trace_steps
 from planner.profile.architectures import resampler_tensors, siglip_vision_tensors, whisper_encoder_tensors
+
+pytestmark = pytest.mark.judge
 
 SIGLIP = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, patch_size=14,
               image_size=224, vision_use_head=False)  # 16 x 16 = 256 patches per crop

@@ -1,4 +1,4 @@
-"""The step tape's own rules (planner.estimate.tape) on graphs small enough to follow by hand.
+"""The step tape's own rules (planner.estimate.tape, .ledger, .ops) on graphs small enough to follow by hand.
 
 Every tensor below has 1000 fp32 elements unless said otherwise: 4000 bytes, one 4096-byte
 storage (eight 512-byte granules), written K. Comments derive each expected figure.
@@ -8,17 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from planner.estimate.tape import (
-    ALLOC_GRANULE_BYTES,
-    FP32,
-    HALF,
-    GradSum,
-    Ledger,
-    Recompute,
-    Tape,
-    Tensor,
-    block_bytes,
-)
+from planner.estimate.ledger import ALLOC_GRANULE_BYTES, FP32, HALF, Ledger, Tensor, block_bytes
+from planner.estimate.tape import GradSum, Recompute, Tape
 
 K = 4096  # block_bytes(1000 * 4)
 N = 1000

@@ -25,6 +25,8 @@ from planner.workload.inventory import trainable_inventory  # noqa: E402
 from planner.workload.options import Engine, Offload, Precision, TrainingOptions, ZeroStage  # noqa: E402
 from tests.ds_harness import DEFAULT_MODEL_CONFIG, apply_hf_auto_values, measure  # noqa: E402
 
+pytestmark = pytest.mark.judge
+
 HIDDEN = DEFAULT_MODEL_CONFIG["hidden_size"]
 FROZEN = "model.embed_tokens"
 

@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from planner.cli import main
-from planner.cli.common import REFERENCE_GROUPS
 from planner.estimate import estimate
 from planner.explain.from_files import build_setup, merge, read_files
-from planner.explain.readers import AUTO, read_text
+from planner.explain.keys import AUTO
+from planner.explain.recognise import read_text
 from planner.explain.shell import parse_script
 from planner.plan import group_plans
 from planner.profile.catalog import build_model, load_catalog
@@ -24,6 +24,7 @@ from planner.profile.hardware import make_cluster
 from planner.units import GIB
 from planner.workload.inventory import Workload
 from planner.workload.options import Engine, Offload, Precision, TrainingOptions, ZeroStage
+from planner.workload.reference import REFERENCE_GROUPS
 from planner.writers import plan_files
 
 DATA = Path(__file__).parents[1] / "data" / "explain"
@@ -256,8 +257,8 @@ def test_unresolvable_settings_are_errors_unless_the_command_line_settles_them(t
 
 
 def test_no_gpu_type_is_a_clear_error(monkeypatch):
+    from planner.errors import ProfileError
     from planner.profile import hardware
-    from planner.profile.architectures import ProfileError
 
     def no_driver(catalog):
         raise ProfileError("--gpus auto: no NVIDIA driver found")
@@ -372,7 +373,8 @@ def test_round_trip_of_a_minicpm_lora_plan(tmp_path: Path):
     """The minicpm target at 64 GiB chooses LoRA: finetune.py's LoRA (r 64, q/k/v/o by regex, a trained
     copy of embed_tokens and the resampler) reads back with the plan's own estimate."""
     from planner.plan import make_plan
-    from planner.search.search import Constraints, Request, search
+    from planner.search.search import search
+    from planner.search.space import Constraints, Request
 
     cluster = make_cluster("2x3090", CATALOG, 64 * GIB)
     request = Request(seq_len=1024, images=1, max_slice_nums=1, **REFERENCE_GROUPS)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.explain.readers import MAX_FILE_BYTES, MAX_NESTING, MAX_YAML_NODES, load_json
+from planner.explain.inputs import MAX_FILE_BYTES, MAX_NESTING, MAX_YAML_NODES, load_json
 from planner.explain.shell import (
     MAX_EXPANDED_CHARS,
     MAX_EXPANSION_DEPTH,

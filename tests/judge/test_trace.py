@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import pytest
 
-from planner.judge.trace import CATEGORIES, PHASES, TraceRequest, TraceResult, trace_step
+from planner.judge.protocol import CATEGORIES, PHASES, TraceRequest, TraceResult
+from planner.judge.trace import trace_step
 from planner.profile.architectures import decoder_tensors
+
+pytestmark = pytest.mark.judge
 
 QWEN = dict(model_type="qwen2", vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)

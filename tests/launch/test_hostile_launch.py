@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.launch.runner import parse_hostfile
+from planner.launch.checks import parse_hostfile
 from planner.plan import Plan
 from planner.units import GIB
 from tests.hostile import assert_refused, run_cli
@@ -220,7 +220,7 @@ def test_read_only_plan_folder(plans: Path, sandbox: Path, monkeypatch):
     def access(path, mode, **kw):
         return False if Path(path) == plan_dir and mode & os.W_OK else real_access(path, mode, **kw)
 
-    monkeypatch.setattr("planner.launch.runner.os.access", access)
+    monkeypatch.setattr("planner.launch.checks.os.access", access)
     _refused(["launch", str(plan_dir)], sandbox, rf"{plan_dir}: not writable \(memplan launch records each attempt",
              plan_dir)
 
@@ -511,7 +511,9 @@ def test_edited_config_stops_the_replan_with_a_record(plans: Path, sandbox: Path
 
 
 def test_next_attempt_that_cannot_start_is_recorded(plans: Path, sandbox: Path, monkeypatch):
-    from planner.launch.runner import Failure, Target, exit_status, launch
+    from planner.launch.command import Target
+    from planner.launch.failures import Failure
+    from planner.launch.runner import exit_status, launch
 
     plan_dir = _copy(plans, "one", sandbox)
     monkeypatch.setenv("FAKE_GPU_LIMIT", "1")

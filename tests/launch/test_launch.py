@@ -12,9 +12,11 @@ import pytest
 from click.testing import CliRunner
 
 from planner.cli import main
-from planner.launch.runner import Failure, classify
+from planner.launch.failures import Failure, classify
 from planner.plan import Plan
 from planner.units import GIB
+
+pytestmark = pytest.mark.judge
 
 # A stand-in for MiniCPM-o's finetune.py: reads the plan next to the DeepSpeed file it is given,
 # and fails like a real run while the plan needs more than the machine "really" has.

@@ -16,6 +16,8 @@ from planner.cli import main
 from planner.plan import Plan
 from tests.train.test_train import REPO, TRAIN_TIMEOUT_S, _losses, tiny  # noqa: F401  (tiny is a fixture)
 
+pytestmark = pytest.mark.judge
+
 STEPS = 4
 TRAINER_FLAGS = ["--max_steps", str(STEPS), "--lr_scheduler_type", "constant", "--warmup_steps", "0",
                  "--save_strategy", "no"]

@@ -12,7 +12,7 @@ import tomllib
 
 import pytest
 
-from planner.profile.architectures import ProfileError
+from planner.errors import ProfileError
 from planner.profile.catalog import build_model, builtin_profiles_dir, load_catalog, toml_files
 
 MODEL_FILES = toml_files(builtin_profiles_dir() / "models")

@@ -13,15 +13,17 @@ import yaml
 from click.testing import CliRunner
 
 from planner.cli import main
-from planner.cli.common import REFERENCE_GROUPS
 from planner.estimate import estimate
 from planner.plan import Plan, make_plan
 from planner.profile.catalog import build_model, load_catalog
 from planner.profile.hardware import make_cluster
-from planner.search.search import Constraints, Request, SearchSpace, fixes, search
+from planner.search.fixes import fixes
+from planner.search.search import search
+from planner.search.space import Constraints, Request, SearchSpace
 from planner.units import GIB
 from planner.workload.inventory import Workload
 from planner.workload.options import Engine, Offload, Optimizer, Precision, TrainingOptions, ZeroStage
+from planner.workload.reference import REFERENCE_GROUPS
 from planner.writers import write_plan_folder
 from planner.writers.formats import NotExpressible, deepspeed_config, llamafactory_config, training_args
 from tests.writer_checks import deepspeed_parse, hf_resolve, training_arguments

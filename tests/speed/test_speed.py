@@ -79,7 +79,7 @@ def _counted(build, inputs, frozen=(), lora: LoraOptions | None = None, grad_ckp
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from planner.judge.trace import fake_from_meta
+    from planner.judge.models import fake_from_meta
 
     with torch.device("meta"):
         model = build()
@@ -131,6 +131,7 @@ def _close(ours: float, counted: float) -> bool:
     return math.isclose(ours, counted, rel_tol=REL, abs_tol=1.0)
 
 
+@pytest.mark.judge
 @pytest.mark.parametrize("grad_ckpt", [False, True], ids=["plain", "grad_ckpt"])
 def test_qwen25_05b_flops_equal_flop_counter(catalog, grad_ckpt: bool) -> None:
     """6N + attention for a fully trained model; checkpointing adds the layers' forward without
@@ -156,6 +157,7 @@ TINY_CASES = {
 }
 
 
+@pytest.mark.judge
 @pytest.mark.parametrize("case", list(TINY_CASES))
 def test_partly_trained_flops_equal_flop_counter(case: str) -> None:
     options, prefixes, ckpt = TINY_CASES[case]
@@ -167,6 +169,7 @@ def test_partly_trained_flops_equal_flop_counter(case: str) -> None:
     assert _close(ours.backward + ours.recompute, bwd)
 
 
+@pytest.mark.judge
 def test_encoder_flops_equal_flop_counter() -> None:
     """Each encoder traced alone, trained, with the gradient its consumer hands back; the
     resampler's input needs grad because the vision tower below it is trained."""
@@ -217,6 +220,7 @@ def _logged(rank: dict, op: str) -> int:
     return sum(int(size) * calls for size, calls in rank["comms"].get(op, {}).items() if int(size) > 8)
 
 
+@pytest.mark.judge
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_collectives_equal_deepspeed_comms_logger(stage: int) -> None:
@@ -264,7 +268,7 @@ def test_zero_collectives_equal_deepspeed_comms_logger(stage: int) -> None:
 
 @pytest.fixture(scope="module")
 def minicpm(catalog):
-    from planner.cli import REFERENCE_GROUPS
+    from planner.workload.reference import REFERENCE_GROUPS
 
     model = build_model(catalog.model("minicpm-o-2.6"))
     options = TrainingOptions(zero=ZeroStage.PARAMETERS, offload_optimizer=Offload.CPU, offload_param=Offload.CPU,

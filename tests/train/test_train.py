@@ -24,6 +24,8 @@ import pytest
 from planner.workload.inventory import Workload
 from planner.workload.options import Engine, LoraOptions, Precision, TrainingOptions, ZeroStage
 
+pytestmark = pytest.mark.judge
+
 REPO = Path(__file__).resolve().parents[2]
 COLORS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange", "pink", "brown"]
 THINGS = ["apple", "leaf", "sky", "sun", "night", "snow", "grape", "carrot", "rose", "bear"]
@@ -92,7 +94,7 @@ def write_plan(folder: Path, model: Path, options: TrainingOptions, legacy_names
     below 1 as a ratio)."""
     from planner.plan import ClusterRef, ModelRef, Plan, TrainerSettings, group_plans, lora_modules
     from planner.profile.hf_config import model_from_config
-    from planner.search.search import Constraints, Request
+    from planner.search.space import Constraints, Request
 
     spec = model_from_config(model)
     gib = 1 << 30

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from planner.profile.architectures import ProfileError, build_tensors
+from planner.errors import ProfileError
+from planner.profile.architectures import build_tensors
 from planner.profile.catalog import Group, ModelSpec
 from planner.workload.inventory import Origin, trainable_inventory
 from planner.workload.options import LoraOptions, TrainingOptions

@@ -1,0 +1,167 @@
+"""What the traced step runs (for planner.judge.trace): the model with fake parameters, the encoder's
+inputs and step wrapper, the tracked loss and the optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from planner.judge.protocol import TraceRequest
+
+
+def fake_from_meta(model: Any, dev: str, precision: str) -> None:
+    """Replace a meta model's parameters and buffers, in place, by fake tensors on ``dev``: one new
+    tensor per distinct meta tensor (``module._apply`` would untie shared parameters). pure-bf16
+    converts floating parameters and buffers as ``model.to(torch.bfloat16)`` does."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "pure-bf16" else None
+    new: dict[int, Any] = {}
+    keep = []  # the meta tensors stay alive until done, so ids are not reused
+    for mod in model.modules():
+        for store, is_param in ((mod._parameters, True), (mod._buffers, False)):
+            for name, t in list(store.items()):
+                if t is None:
+                    continue
+                if id(t) not in new:
+                    keep.append(t)
+                    fake = torch.empty_like(t, device=dev, dtype=dtype if t.is_floating_point() and dtype else t.dtype)
+                    new[id(t)] = torch.nn.Parameter(fake, requires_grad=t.requires_grad) if is_param else fake
+                store[name] = new[id(t)]
+
+
+def _build_model(req: TraceRequest, dev: str):
+    """The model with fake parameters on ``dev``; tied parameters stay tied."""
+    import torch
+
+    with torch.device("meta"):
+        model = _meta_model(req)
+    fake_from_meta(model, dev, req.precision)
+    for name, p in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in req.frozen_prefixes):
+            p.requires_grad_(False)
+    if req.grad_ckpt and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def _meta_model(req: TraceRequest):
+    """The fp32 model of ``req.model_kind`` on the current (meta) device."""
+    import importlib
+
+    import torch
+
+    cfg = dict(req.model_config)
+    for key in ("torch_dtype", "dtype", "architectures"):
+        cfg.pop(key, None)
+    if req.model_kind == "module":
+        mod_name, fn_name = req.module_factory.split(":", 1)
+        return getattr(importlib.import_module(mod_name), fn_name)(cfg)
+    mtype = cfg.pop("model_type", None)
+    if req.model_kind == "causal_lm":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model(mtype, **cfg)
+        config._attn_implementation = req.attn
+        return AutoModelForCausalLM.from_config(config, attn_implementation=req.attn, dtype=torch.float32)
+    if req.model_kind == "siglip_vision":
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        # MiniCPM's navit SigLIP returns last_hidden_state without the pooling head.
+        cfg.setdefault("vision_use_head", False)
+        return SiglipVisionModel._from_config(SiglipVisionConfig(**cfg), attn_implementation=req.attn,
+                                              dtype=torch.float32)
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    return WhisperEncoder._from_config(WhisperConfig(**cfg), attn_implementation=req.attn, dtype=torch.float32)
+
+
+def _encoder_inputs(req: TraceRequest, model, dev: str) -> dict:  # noqa: ANN001
+    """Keyword inputs of one encoder step: the whole batch (``micro_batch`` crops or pieces)."""
+    import torch
+
+    dtype = torch.bfloat16 if req.precision == "pure-bf16" else torch.float32
+    n = req.micro_batch
+    if req.model_kind == "module":
+        return dict(model.memplan_inputs(n, dev, dtype))
+    cfg = model.config
+    if req.model_kind == "siglip_vision":
+        side = cfg.image_size
+        return {"pixel_values": torch.zeros((n, cfg.num_channels, side, side), dtype=dtype, device=dev)}
+    frames = 2 * cfg.max_source_positions  # conv2 has stride 2; WhisperEncoder.forward checks the length
+    return {"input_features": torch.zeros((n, cfg.num_mel_bins, frames), dtype=dtype, device=dev)}
+
+
+def _encoder_step(req: TraceRequest, model):  # noqa: ANN001, ANN202
+    """A root module around the encoder that runs it over the batch, in chunks of
+    ``encoder_chunk`` whose outputs are concatenated as MiniCPM's ``get_vllm_embedding`` does,
+    and computes the consumer loss ``output.mean()``. Its forward returns the loss and the
+    references a real caller still holds at that point (chunk outputs, output). MemTracker
+    allows a submodule, not the root, to run several times in one step."""
+    import torch
+
+    class EncoderStep(torch.nn.Module):
+        def __init__(self, tower) -> None:  # noqa: ANN001
+            super().__init__()
+            self.tower = tower
+
+        def forward(self, **inputs):  # noqa: ANN003, ANN202
+            n = req.micro_batch
+            chunk = req.encoder_chunk or n
+            outs = []
+            for start in range(0, n, chunk):
+                part = {k: v[start:start + chunk] if isinstance(v, torch.Tensor) and v.dim() and v.size(0) == n
+                        else v for k, v in inputs.items()}
+                res = self.tower(**part)
+                outs.append(res if isinstance(res, torch.Tensor) else res.last_hidden_state)
+                del res
+            out = torch.cat(outs) if len(outs) > 1 else outs[0]
+            return out.mean(), (outs, out)
+
+    return EncoderStep(model)
+
+
+def _find_layers(model):  # noqa: ANN001, ANN202
+    """The model's stack of transformer layers (for progress messages), or None."""
+    for path in ("model.layers", "encoder.layers", "layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None and hasattr(obj, "__len__"):
+            return obj
+    return None
+
+
+def _wrap_loss(model) -> None:  # noqa: ANN001
+    """Run the model's loss function inside a submodule ``loss`` so MemTracker tracks it."""
+    import torch
+
+    fn = model.loss_function
+
+    class Loss(torch.nn.Module):
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            return fn(*args, **kwargs)
+
+    loss = Loss()
+    model.add_module("loss", loss)
+
+    def call_loss(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        return loss(*args, **kwargs)
+
+    model.loss_function = call_loss  # a plain function: nn.Module.__setattr__ would not call the setter for a module
+
+
+def _make_optimizer(req: TraceRequest, params):  # noqa: ANN001
+    import torch
+
+    if req.optimizer == "none" or not params:
+        return None
+    if req.optimizer.startswith("adamw"):
+        kind = req.optimizer.split("-")[1]
+        return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, foreach=kind == "foreach", fused=kind == "fused")
+    if req.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=1e-5, momentum=0.9, foreach=False)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(params, lr=1e-5, scale_parameter=False, relative_step=False, warmup_init=False)
