@@ -42,11 +42,11 @@ from planner.estimate.optimizer_phase import clip_grad_norm_temporaries_bytes, o
 from planner.estimate.step_memory import PHASES, StepMemory
 from planner.estimate.tape import GradSum, Recompute, Tape
 from planner.profile.architectures import decoder_tensors
-from planner.workload.options import OptimizerImpl
+from planner.workload.options import OptimizerImpl, Precision
 
 __all__ = ["ATTENTIONS", "PRECISIONS", "decoder_step_memory", "layer_saved_bytes"]
 
-PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "pure-bf16")
+PRECISIONS = tuple(p.value for p in Precision)  # fp32, amp-bf16, amp-fp16, pure-bf16
 ATTENTIONS = ("eager", "sdpa", "flash_attention_2")
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from planner.profile.catalog import ModelSpec
 from planner.workload.inventory import Param, Workload
 from planner.workload.options import Engine, OptimizerImpl, Precision, TrainingOptions
 
-_DS_PRECISION = {2: "pure-bf16", 4: "fp32"}
+_DS_PRECISION = {2: Precision.PURE_BF16.value, 4: Precision.FP32.value}
 """The activation model's precision for a DeepSpeed module of this element size (no autocast)."""
 
 FORWARD = frozenset({Phase.FORWARD})

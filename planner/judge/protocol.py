@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "pure-bf16")
+from planner.workload.options import Precision
+
+PRECISIONS = tuple(p.value for p in Precision)  # fp32, amp-bf16, amp-fp16, pure-bf16
 OPTIMIZERS = ("adamw-forloop", "adamw-foreach", "adamw-fused", "sgd", "adafactor", "none")
 ATTENTIONS = ("eager", "sdpa")
 DEVICES = ("cuda", "cpu")
