@@ -26,10 +26,11 @@ from typing import Any
 
 from planner.estimate import decoder as dec
 from planner.estimate import decoder_config as dcfg
+from planner.estimate import encoder_call, ops
 from planner.estimate import encoders as enc
-from planner.estimate import ops
 from planner.estimate import optimizer_phase as opt
 from planner.estimate import step_memory as sm
+from planner.estimate import whisper as wsp
 from planner.profile.architectures import TensorKind, TensorSpec, decoder_tensors
 from planner.profile.catalog import load_catalog
 from planner.workload.inventory import Param
@@ -220,7 +221,7 @@ def _points() -> Iterator[tuple[str, Callable[[], Any]]]:
                         for mo in ((False, True) if attn == "eager" else (False,)):
                             key = f"whisper/tiny/p={pieces}/{attn}/tr={trained}/ckpt={ckpt}/{mdb}/{amp}/o={mo}"
                             yield key, lambda pieces=pieces, attn=attn, trained=trained, ckpt=ckpt, mdb=mdb, \
-                                amp=amp, mo=mo: enc.whisper_encoder_memory(
+                                amp=amp, mo=mo: wsp.whisper_encoder_memory(
                                     WHISPER, pieces=pieces, positions=100, attn=attn, trained=trained,
                                     grad_ckpt=ckpt, module_dtype_bytes=mdb, autocast=amp, minicpm_o=mo)
     for rcfg_name, rcfg in (("kv96", RESAMPLER), ("square", dict(RESAMPLER, kv_dim=128))):
@@ -256,7 +257,7 @@ def _points() -> Iterator[tuple[str, Callable[[], Any]]]:
                 for mdb, amp in ((4, True), (2, False)):
                     key = f"whisper/{gname}/p={pieces}/tr={trained}/ckpt={ckpt}/{mdb}/{amp}"
                     yield key, lambda cfg=cfg, pieces=pieces, trained=trained, ckpt=ckpt, mdb=mdb, amp=amp: \
-                        enc.whisper_encoder_memory(cfg, pieces=pieces, positions=1500, attn="eager", trained=trained,
+                        wsp.whisper_encoder_memory(cfg, pieces=pieces, positions=1500, attn="eager", trained=trained,
                                                    grad_ckpt=ckpt, module_dtype_bytes=mdb, autocast=amp,
                                                    minicpm_o=True)
     # 7. Validation errors (the message is part of the contract).
@@ -274,13 +275,13 @@ def _points() -> Iterator[tuple[str, Callable[[], Any]]]:
                                                              masked=True),
         "vision/bad-crops": lambda: enc.vision_tower_memory(SIGLIP, crops=0, patches=4, trained=True, grad_ckpt=False,
                                                             module_dtype_bytes=2, autocast=False),
-        "whisper/bad-amp": lambda: enc.whisper_encoder_memory(WHISPER, pieces=1, positions=10, attn="eager",
+        "whisper/bad-amp": lambda: wsp.whisper_encoder_memory(WHISPER, pieces=1, positions=10, attn="eager",
                                                               trained=True, grad_ckpt=False, module_dtype_bytes=2,
                                                               autocast=True),
-        "whisper/bad-o": lambda: enc.whisper_encoder_memory(WHISPER, pieces=1, positions=10, attn="sdpa",
+        "whisper/bad-o": lambda: wsp.whisper_encoder_memory(WHISPER, pieces=1, positions=10, attn="sdpa",
                                                             trained=True, grad_ckpt=False, module_dtype_bytes=4,
                                                             autocast=False, minicpm_o=True),
-        "whisper/bad-dtype": lambda: enc.whisper_encoder_memory(WHISPER, pieces=1, positions=10, attn="eager",
+        "whisper/bad-dtype": lambda: wsp.whisper_encoder_memory(WHISPER, pieces=1, positions=10, attn="eager",
                                                                 trained=True, grad_ckpt=False, module_dtype_bytes=3,
                                                                 autocast=False),
         "resampler/missing": lambda: enc.resampler_memory({"embed_dim": 8}, crops=1, patches=4, trained=True,
@@ -296,7 +297,7 @@ def _record(value: Any) -> Any:
         out["__type__"] = type(value).__name__
         if isinstance(value, sm.StepMemory):
             out.update({f"phase_bytes.{p}": value.phase_bytes(p) for p in sm.PHASES}, peak_bytes=value.peak_bytes)
-        if isinstance(value, enc.EncoderMemory):
+        if isinstance(value, encoder_call.EncoderMemory):
             out.update(forward_peak_bytes=value.forward_peak_bytes, backward_peak_bytes=value.backward_peak_bytes,
                        peak_bytes=value.peak_bytes)
         return out

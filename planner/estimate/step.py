@@ -12,9 +12,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from planner.estimate.decoder import decoder_step_memory
-from planner.estimate.encoders import EncoderMemory, resampler_memory, vision_tower_memory, whisper_encoder_memory
+from planner.estimate.encoder_call import EncoderMemory
+from planner.estimate.encoders import resampler_memory, vision_tower_memory
 from planner.estimate.result import FROM_BACKWARD, Category, Item, Phase, Place
 from planner.estimate.states import working_dtype
+from planner.estimate.whisper import whisper_encoder_memory
 from planner.profile.architectures import DECODER_TYPES
 from planner.profile.catalog import ModelSpec
 from planner.workload.inventory import Param, Workload

@@ -23,12 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from planner.estimate.encoders import (
-    EncoderMemory,
-    resampler_memory,
-    vision_tower_memory,
-    whisper_encoder_memory,
-)
+from planner.estimate.encoder_call import EncoderMemory
+from planner.estimate.encoders import resampler_memory, vision_tower_memory
+from planner.estimate.whisper import whisper_encoder_memory
 from planner.judge.protocol import TraceRequest, TraceResult
 from planner.judge.trace import trace_steps
 from planner.profile.architectures import resampler_tensors, siglip_vision_tensors, whisper_encoder_tensors
