@@ -27,6 +27,9 @@ COMMANDS = {
 """Command name -> ``module:object``; the registry, read only when a command is looked up."""
 
 
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+"""click 8.2+ raises this for a group called with nothing; older click prints the help itself."""
+
 INTERNAL_ERROR_EXIT = 70
 """Exit status of an unexpected failure inside memplan (a bug): sysexits' EX_SOFTWARE."""
 
@@ -62,6 +65,9 @@ class _Group(click.Group):
             if standalone_mode:
                 sys.exit(exc.exit_code)
             return exc.exit_code
+        except _NO_ARGS_IS_HELP as exc:  # plain `memplan`: the help, as asked (click >= 8.2 raises it)
+            click.echo(exc.ctx.get_help() if exc.ctx else "")
+            sys.exit(0)
         except click.UsageError as exc:
             hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
             error_line(f"{exc.format_message()}{hint}")
@@ -99,7 +105,7 @@ def _debug_requested(argv: list[str]) -> bool:
 
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group("memplan", cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="memplan")
 @click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error (or MEMPLAN_DEBUG=1).")
 def main(debug: bool) -> None:

@@ -26,4 +26,11 @@ def load_model(name: str, catalog: Catalog, flag: str = "--model") -> ModelSpec:
         return model_from_config(name)
     if Path(name).expanduser().exists():
         raise ProfileError(f"{flag} {name}: no config.json there")
+    if _looks_like_path(name):
+        raise ProfileError(f"{flag} {name}: no such file or folder (a profile name, hub id or local config.json)")
     return build_model(catalog.model(name))  # raises with close matches
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name only a path can be (a hub id is ``org/name``; a profile has no slash)."""
+    return name.startswith(("/", "./", "../", "~")) or name.endswith(".json") or name.count("/") > 1

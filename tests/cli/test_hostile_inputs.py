@@ -416,3 +416,18 @@ def test_default_precision_on_a_gpu_without_bf16_is_fp16_and_said(tmp_path):
     doc = json.loads(out.stdout)
     assert doc["options"]["precision"] == "amp-fp16"
     assert any("has no bf16: planning amp-fp16" in n for n in doc["notes"])
+
+
+def test_a_missing_config_path_is_named_as_such(tmp_path):
+    from tests.hostile import assert_refused
+
+    assert_refused(["estimate", "--model", str(tmp_path / "missing" / "config.json"), *HOST], tmp_path,
+                   match=r"no such file or folder")
+
+
+def test_memplan_alone_prints_its_help(tmp_path):
+    from tests.hostile import run_cli
+
+    out = run_cli([], tmp_path)
+    assert out.exit_code == 0 and out.stdout.startswith("Usage: memplan") and "estimate" in out.stdout
+    assert out.stderr == ""
