@@ -12,10 +12,6 @@ class ProfileError(ValueError):
     show as it is."""
 
 
-UserInputError = ProfileError
-"""The same class under the name that says what it is for."""
-
-
 EXTRA_HINT = "pip install 'memplan[train]'"
 """How to get what tracing, local configs and the built-in trainer need (pyproject's ``train``
 extra: torch, transformers, deepspeed, peft)."""

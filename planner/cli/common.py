@@ -87,9 +87,6 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
-MAX_IMAGE_SIDE_PX = 65_535
-"""The largest width or height JPEG, PNG decoders in practice and WebP allow (pixels); MiniCPM
-resizes far below it."""
 
 
 def parse_out_dir(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
@@ -131,8 +128,10 @@ def parse_image_size(ctx: click.Context, param: click.Parameter, value: str | No
     if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) < 10 and int(p) > 0 for p in parts):
         raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT in pixels, e.g. 1344x1344")
     width, height = int(parts[0]), int(parts[1])
-    if max(width, height) > MAX_IMAGE_SIDE_PX:
-        raise click.BadParameter(f"{value!r}: a side over {MAX_IMAGE_SIDE_PX} pixels")
+    from planner.workload.inventory import MAX_IMAGE_SIDE
+
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise click.BadParameter(f"{value!r}: a side over {MAX_IMAGE_SIDE} pixels")
     return width, height
 
 
