@@ -1,4 +1,4 @@
-"""Shared fixtures: the shipped catalog, and quiet transformers."""
+"""Shared fixtures: the shipped catalog, quiet transformers, and an empty memplan cache per test."""
 
 from __future__ import annotations
 
@@ -15,3 +15,20 @@ def catalog():
     from planner.profile.catalog import load_catalog
 
     return load_catalog()
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    """Each test its own empty memplan cache (``$MEMPLAN_CACHE_DIR``, outside the test's folder):
+    an inventory cached by an earlier test would hide a build, and tests never write ~/.cache."""
+    monkeypatch.setenv("MEMPLAN_CACHE_DIR", str(tmp_path_factory.mktemp("memplan-cache")))
+
+
+@pytest.fixture(autouse=True)
+def _no_fitted_terms():
+    """Each test starts with no fitted activation terms in the process (planner.estimate.generic)."""
+    from planner.estimate import generic
+
+    generic.forget_all()
+    yield
+    generic.forget_all()

@@ -160,6 +160,14 @@ profiles_dir_option = click.option(
 )
 
 
+trust_remote_code_option = click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="A local model whose config.json names its own code (auto_map) may run the .py files in its "
+    "folder to be built on the meta device (as transformers' trust_remote_code=True); never fetched.",
+)
+
+
 def make_cluster_noted(gpus: str | None, catalog: Any, host_ram: int | None, notes: list[str]) -> Any:
     from planner.profile.hardware import make_cluster
     from planner.workload.reference import DEFAULT_GPUS

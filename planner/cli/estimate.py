@@ -17,6 +17,7 @@ from planner.cli.common import (
     parse_names,
     parse_size_arg,
     profiles_dir_option,
+    trust_remote_code_option,
     user_errors,
 )
 from planner.profile.load import load_model
@@ -107,6 +108,7 @@ Examples:
               help="ZeRO-3 builds the model under deepspeed.zero.Init (no rank holds it whole).")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 @profiles_dir_option
+@trust_remote_code_option
 @user_errors
 def estimate(
     model: str | None,
@@ -136,6 +138,7 @@ def estimate(
     zero_init: bool,
     as_json: bool,
     profiles_dirs: tuple[Path, ...],
+    trust_remote_code: bool,
 ) -> None:
     """Estimate the memory of one training setup, per GPU and per host."""
     from planner.estimate import estimate as run_estimate
@@ -143,13 +146,14 @@ def estimate(
     from planner.workload.inventory import Workload
     from planner.workload.options import LoraOptions, TrainingOptions
     from planner.workload.reference import default_images, select
+    from planner.workload.vision import image_note, vision_rule
 
     catalog = load_catalog(profiles_dirs)
     notes = list(catalog.notes)
     sel = select(model, train, freeze, without, lora_rank, max_slice_nums)
     train, freeze, without, max_slice_nums = sel.train, sel.freeze, sel.without, sel.max_slice_nums
     notes += [sel.note] if sel.note else []
-    spec = load_model(sel.model, catalog)
+    spec = load_model(sel.model, catalog, trust_remote_code=trust_remote_code)
     cluster = make_cluster_noted(gpus, catalog, host_ram, notes)
     ctx = click.get_current_context()
     if not cluster.gpu.bf16 and ctx.get_parameter_source("precision") is click.core.ParameterSource.DEFAULT:
@@ -192,9 +196,13 @@ def estimate(
         images=images,
         max_slice_nums=max_slice_nums or 9,
         audio_seconds=audio_seconds,
+        vision=vision_rule(spec, options.without) if images else None,
         **({"image_size": image_size} if image_size else {}),
     )
-    est = run_estimate(spec, cluster, options, workload, notes=notes)
+    notes += [n for n in (image_note(images, workload.image_layout()),) if n]
+    from planner.cli.fitting import run_with_terms
+
+    est = run_with_terms(lambda: run_estimate(spec, cluster, options, workload, notes=notes), notes)
     from planner.cli import render
 
     title = f"{spec.name} on {cluster.label}, {_describe(options)}"

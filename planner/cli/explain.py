@@ -120,7 +120,9 @@ def explain(files: tuple[Path, ...], arg_strings: tuple[str, ...], model: str | 
         raise UserError(f"--images {setup.workload.images}: {spec.name} has no vision tower in this run")
     if setup.workload.audio_seconds and not any(g.kind == "whisper_encoder" and g.name in built for g in spec.groups):
         raise UserError(f"--audio-seconds: {spec.name} has no audio encoder in this run")
-    diagnosis = diagnose(spec, cluster, setup, top=top, margin=margin)
+    from planner.cli.fitting import run_with_terms
+
+    diagnosis = run_with_terms(lambda: diagnose(spec, cluster, setup, top=top, margin=margin), setup.notes)
     from planner.cli import render_explain
 
     if as_json:

@@ -12,7 +12,7 @@ from rich.console import Group as RichGroup
 from rich.table import Table
 from rich.text import Text
 
-from planner.estimate.result import Budget, Category, Estimate
+from planner.estimate.result import Budget, Category, Estimate, Verdict
 from planner.search.search import summarize_rejections
 from planner.units import GIB, format_bytes
 
@@ -103,9 +103,14 @@ def bar(label: str, budget: Budget, width: int = 50) -> Text:
     if budget.total_bytes > cap:
         text.append("│", style="bold red")
     pct = budget.total_bytes / cap * 100
-    style = "red" if budget.total_bytes > cap else "green"
-    text.append(f"  {gib(budget.total_bytes)} / {gib(budget.capacity_bytes)} ({pct:.0f}%)", style=style)
+    style = "red" if budget.over else "yellow" if budget.lower_bound else "green"
+    text.append(f"  {needs(budget)} / {gib(budget.capacity_bytes)} ({pct:.0f}%)", style=style)
     return text
+
+
+def needs(budget: Budget) -> str:
+    """A budget's total, ``at least`` where it is a lower bound (some bytes are not modelled)."""
+    return f"{'at least ' if budget.lower_bound else ''}{gib(budget.total_bytes)}"
 
 
 def legend() -> Text:
@@ -118,34 +123,50 @@ def legend() -> Text:
 
 
 def verdict(est: Estimate) -> Text:
-    """One line: fits or not, the binding budget and its margin."""
+    """One line: FITS, DOES NOT FIT or UNKNOWN, with the binding budget and its margin (FITS),
+    the budgets over (DOES NOT FIT) or the modelled part as a lower bound (UNKNOWN)."""
     budget = est.per_gpu if est.binding == "gpu" else est.host
     where = "per GPU" if est.binding == "gpu" else "host RAM per node"
-    if est.fits:
+    if est.verdict is Verdict.UNKNOWN:
+        parts = ", ".join(f"{name} needs {needs(b)} of {gib(b.capacity_bytes)}"
+                          for name, b in (("per GPU", est.per_gpu), ("host RAM per node", est.host)))
+        return Text(f"UNKNOWN: {parts}; what is not modelled (above) may or may not fit in the rest.",
+                    style="bold yellow")
+    if est.verdict is Verdict.FITS:
         return Text(
             f"FITS: {where} is the binding budget, {gib(budget.free_bytes)} left "
             f"({budget.free_bytes / budget.capacity_bytes:.0%} of {gib(budget.capacity_bytes)}).",
             style="bold green",
         )
-    over = [(name, b) for name, b in (("per GPU", est.per_gpu), ("host RAM per node", est.host)) if not b.fits]
+    over = [(name, b) for name, b in (("per GPU", est.per_gpu), ("host RAM per node", est.host)) if b.over]
     parts = ", ".join(
-        f"{name} needs {gib(b.total_bytes)} of {gib(b.capacity_bytes)} ({gib(-b.free_bytes)} over)" for name, b in over
+        f"{name} needs {needs(b)} of {gib(b.capacity_bytes)} ({gib(-b.free_bytes)} over)" for name, b in over
     )
-    return Text(f"DOES NOT FIT: {parts}; binding: {where}.", style="bold red")
+    alone = " on the modelled part alone" if est.unmodeled else ""
+    return Text(f"DOES NOT FIT{alone}: {parts}; binding: {where}.", style="bold red")
+
+
+def unmodeled_lines(est: Estimate) -> list[Text]:
+    """What the estimate leaves out, one line each."""
+    return [Text(f"not modelled: {u}", style="yellow") for u in est.unmodeled]
 
 
 def estimate_view(est: Estimate, title: str) -> RichGroup:
     """The whole `memplan estimate` screen."""
-    gpu_title = f"per GPU (most loaded rank) at the {est.per_gpu.peak_phase} peak, GiB"
+    lower = " (a lower bound)"
+    gpu_title = (f"per GPU (most loaded rank) at the {est.per_gpu.peak_phase} peak, GiB"
+                 f"{lower if est.per_gpu.lower_bound else ''}")
     parts: list[Any] = [Text(title, style="bold"), group_table(est, gpu_title, "gpu")]
     if est.host.total_bytes:
-        host_title = f"host RAM per node (all its ranks) at the {est.host.peak_phase} peak, GiB"
+        host_title = (f"host RAM per node (all its ranks) at the {est.host.peak_phase} peak, GiB"
+                      f"{lower if est.host.lower_bound else ''}")
         parts.append(group_table(est, host_title, "host"))
     parts += [Text(""), bar("per GPU", est.per_gpu), bar("host", est.host), legend()]
     if est.nvme_bytes:
         parts.append(Text(f"NVMe per node: {gib(est.nvme_bytes)}"))
     for note in est.notes:
         parts.append(Text(f"note: {note}", style="dim"))
+    parts += unmodeled_lines(est)
     parts += [Text(""), verdict(est)]
     return RichGroup(*parts)
 
@@ -160,6 +181,7 @@ def _budget_json(b: Budget) -> dict[str, Any]:
         "phase_totals": {ph.value: v for ph, v in b.phase_totals.items()},
         "by_phase": {ph.value: {c.value: v for c, v in cats.items()} for ph, cats in b.phase_categories.items()},
         "by_category": {c.value: v for c, v in b.by_category.items()},
+        "lower_bound": b.lower_bound,
     }
 
 
@@ -180,6 +202,8 @@ def estimate_json(est: Estimate, extra: dict[str, Any] | None = None) -> dict[st
             for r in est.groups
         ],
         fits=est.fits,
+        verdict=est.verdict.value,
+        unmodeled=list(est.unmodeled),
         binding=est.binding,
         notes=list(est.notes),
     )
@@ -301,10 +325,13 @@ def tune_view(result: Any, fixes: list[Any], files: list[Any], out: Any, seconds
                              f"global batch {result.global_batch}, margin {result.margin:.0%}", style="dim")]
     chosen = result.chosen
     if chosen is None:
-        parts.append(Text("NOTHING FITS in the search space.", style="bold red"))
+        fully = " that memplan models fully" if result.unknown else ""
+        parts.append(Text(f"NOTHING FITS in the search space{fully}.", style="bold red"))
         near = sorted(result.rejections, key=lambda r: r.over_bytes)[:3]
         for r in near:
             parts.append(Text(f"  nearest: {r.name}: {r.budget} {gib(r.over_bytes)} over", style="red"))
+        if result.unknown:
+            parts.append(unknown_line(result.unknown))
     else:
         parts += [candidates_table(result.candidates, top), Text("")]
         wl = chosen.workload
@@ -312,6 +339,8 @@ def tune_view(result: Any, fixes: list[Any], files: list[Any], out: Any, seconds
                           style="bold green"))
         parts.append(estimate_view(chosen.estimate, "its estimate"))
         parts.append(speed_table(chosen.speed))
+        if result.unknown:
+            parts.append(unknown_line(result.unknown))
     if fixes:
         head = "to get the request as asked:" if chosen is not None else "what would make it fit:"
         parts.append(Text(head, style="bold"))
@@ -322,6 +351,22 @@ def tune_view(result: Any, fixes: list[Any], files: list[Any], out: Any, seconds
         parts += [Text(f"  no {f.name}: {f.skipped}", style="dim") for f in files if f.text is None]
     parts += [Text(f"note: {n}", style="dim") for n in notes]
     return RichGroup(*parts)
+
+
+def unknown_line(unknown: list[Any]) -> Text:
+    """One line for the setups left UNKNOWN: how many, the first tried (the least relaxed), and what
+    their estimates leave out."""
+    least = unknown[0]
+    missing = "; ".join(dict.fromkeys(m for u in unknown for m in u.unmodeled))
+    return Text(f"UNKNOWN, not ranked: {len(unknown)} setups fit on their modelled part alone (e.g. {least.name}, "
+                f"whose modelled part takes {gib(least.gpu_bytes)} per GPU and {gib(least.host_bytes)} host), but "
+                f"their estimates leave out: {missing}", style="yellow")
+
+
+def unknown_json(u: Any) -> dict[str, Any]:
+    """One UNKNOWN setup in ``memplan tune --json``."""
+    return {"name": u.name, "fits": None, "verdict": Verdict.UNKNOWN.value, "unmodeled": list(u.unmodeled),
+            "per_gpu_bytes": u.gpu_bytes, "host_bytes": u.host_bytes}
 
 
 def candidate_json(c: Any) -> dict[str, Any]:
@@ -345,6 +390,7 @@ def tune_json(result: Any, fixes: list[Any], files: list[Any], out: Any, seconds
     doc: dict[str, Any] = {
         "candidates": [candidate_json(c) for c in result.candidates],
         "chosen": None,
+        "unknown": [unknown_json(u) for u in result.unknown],
         "fixes": [{"change": f.change, "candidate": candidate_json(f.candidate)} for f in fixes],
         "evaluated": result.evaluated,
         "rejected": summarize_rejections(result.rejections),

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from planner.cli.render import console as _console
-from planner.cli.render import estimate_json, estimate_view, gib
+from planner.cli.render import estimate_json, estimate_view, gib, needs
 
 MEMORY_SETTINGS = (
     "model_name_or_path", "program", "nnodes", "nproc_per_node", "world_size", "micro_batch", "grad_accum",
@@ -99,9 +99,14 @@ def binding_line(est: Any) -> Text:
     """The binding budget, the phase where it peaks, and by how much it is over or under."""
     name = "per GPU" if est.binding == "gpu" else "host RAM per node"
     b = est.per_gpu if est.binding == "gpu" else est.host
-    state = f"{gib(-b.free_bytes)} over" if b.free_bytes < 0 else f"{gib(b.free_bytes)} left"
-    return Text(f"binding budget: {name}, at its {b.peak_phase.value} peak: {gib(b.total_bytes)} of "
-                f"{gib(b.capacity_bytes)} ({state})", style="bold red" if b.free_bytes < 0 else "bold green")
+    if b.over:
+        state, style = f"{gib(-b.free_bytes)} over", "bold red"
+    elif b.lower_bound:
+        state, style = f"{gib(b.free_bytes)} left on the modelled part", "bold yellow"
+    else:
+        state, style = f"{gib(b.free_bytes)} left", "bold green"
+    return Text(f"binding budget: {name}, at its {b.peak_phase.value} peak: {needs(b)} of "
+                f"{gib(b.capacity_bytes)} ({state})", style=style)
 
 
 def fixes_table(fixes: list[Any]) -> Table:
@@ -150,10 +155,16 @@ def explain_view(model: Any, cluster: Any, merged: Any, setup: Any, diagnosis: A
     parts += [Text(""), estimate_view(est, f"the estimate: {_describe(setup)}"), binding_line(est)]
     if est.fits:
         parts.append(Text("it fits as written: no fix needed.", style="green"))
+    elif est.fits is None:
+        what = "one part" if len(est.unmodeled) == 1 else f"{len(est.unmodeled)} parts"
+        parts.append(Text(f"UNKNOWN as written: memplan does not model {what} of this step (not modelled, above); "
+                          "nothing is over on the modelled part, so no fix was searched.", style="yellow"))
     elif diagnosis.fixes:
         parts.append(fixes_table(diagnosis.fixes))
     else:
-        parts.append(Text("no fix found in the search space (see memplan tune for the whole space)", style="red"))
+        unknown = "; a setup that leaves out what is not modelled here is never a fix" if est.unmodeled else ""
+        parts.append(Text(f"no fix found in the search space (see memplan tune for the whole space){unknown}",
+                          style="red"))
     if diagnosis.traps:
         parts.append(Text("known traps that apply:", style="bold"))
         for t in diagnosis.traps:

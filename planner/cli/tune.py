@@ -22,6 +22,7 @@ from planner.cli.common import (
     parse_out_dir,
     parse_size_arg,
     profiles_dir_option,
+    trust_remote_code_option,
     user_errors,
 )
 from planner.cli.launch import launch_options
@@ -85,6 +86,7 @@ Examples:
 @click.option("--launch", "launch_run", is_flag=True, help="Run the plan once written (see memplan launch).")
 @launch_options
 @profiles_dir_option
+@trust_remote_code_option
 @user_errors
 def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | None, target: str, engine: str | None,
          train: tuple[str, ...] | None, freeze: tuple[str, ...] | None, without: tuple[str, ...] | None,
@@ -94,7 +96,7 @@ def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | 
          margin: float, top: int, out_dir: Path, force: bool, data: str, model_path: str | None,
          learning_rate: float | None, epochs: float, output_dir: str, as_json: bool, launch_run: bool,
          script: Path | None, hostfile: Path | None, max_retries: int, dry_run: bool, extra: tuple[str, ...],
-         profiles_dirs: tuple[Path, ...]) -> None:
+         profiles_dirs: tuple[Path, ...], trust_remote_code: bool) -> None:
     """Search the setups that fit, rank them by expected speed, and write the best one's
     DeepSpeed config, trainer arguments and launch scripts into --out."""
     from planner.plan import FULL_LEARNING_RATE, LORA_LEARNING_RATE, TrainerSettings, make_plan
@@ -104,6 +106,7 @@ def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | 
     from planner.search.space import Constraints, Request, SearchSpace
     from planner.workload.options import LoraOptions
     from planner.workload.reference import default_images, minicpm_not_built, select
+    from planner.workload.vision import vision_rule
     from planner.writers import write_plan_folder
 
     if extra and not launch_run:  # before anything is searched or written
@@ -115,7 +118,7 @@ def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | 
     notes: list[str] = list(catalog.notes)
     sel = select(model, train, freeze, without, lora_rank, max_slice_nums)
     notes += [sel.note] if sel.note else []
-    spec = load_model(sel.model, catalog)
+    spec = load_model(sel.model, catalog, trust_remote_code=trust_remote_code)
     if model_path is None and model is not None and not catalog.has_model(model):
         from planner.profile.hf_config import find_config
 
@@ -129,7 +132,8 @@ def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | 
     images = default_images(spec, groups_out, images)
     request = Request(
         seq_len=seq_len, images=images, image_size=image_size, max_slice_nums=sel.max_slice_nums or 9,
-        audio_seconds=audio_seconds, train=sel.train, freeze=sel.freeze, without=groups_out,
+        audio_seconds=audio_seconds, vision=vision_rule(spec, groups_out) if images else None,
+        train=sel.train, freeze=sel.freeze, without=groups_out,
         lora=LoraOptions(rank=lora_rank) if lora_rank else None, precision=precision, global_batch=global_batch,
     )
     constraints = Constraints(must_train=must_train or (), min_seq_len=min_seq_len, min_slice_nums=min_slices,
@@ -138,7 +142,11 @@ def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | 
     if engine is not None:
         space = space.model_copy(update={"engines": tuple(e for e in space.engines if e[0].value == engine)})
     started = time.perf_counter()
-    result = search(spec, cluster, request, constraints, space, top=top)
+    from planner.cli.fitting import run_with_terms
+
+    fit_notes: list[str] = []
+    result = run_with_terms(lambda: search(spec, cluster, request, constraints, space, top=top), fit_notes)
+    notes += fit_notes
     seconds = time.perf_counter() - started  # the search alone: docs/tune.md's speed target
     notes += [n for n in result.notes if n not in notes]  # what the search substituted or skipped, and why
     repair = fixes(spec, cluster, request, constraints, space, result)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from planner.estimate.result import ALWAYS, STEP, Estimate, Item, Place, assemble
+from planner.estimate.coverage import unmodeled_parts
+from planner.estimate.result import ALWAYS, STEP, Estimate, Item, Place, Verdict, assemble
 from planner.estimate.runtime import ddp_bucket_items, gathered_param_items, loading_items, overhead_items
 from planner.estimate.states import ZeroSettings, model_state_items
 from planner.estimate.step import step_items
@@ -16,8 +17,9 @@ from planner.profile.catalog import ModelSpec
 from planner.profile.hardware import Cluster
 from planner.workload.inventory import Origin, Workload, check_media, trainable_inventory
 from planner.workload.options import Engine, TrainingOptions, ZeroStage
+from planner.workload.positions import check_positions
 
-__all__ = ["estimate", "Estimate"]
+__all__ = ["estimate", "Estimate", "Verdict"]
 
 
 def estimate(
@@ -39,22 +41,29 @@ def estimate(
         zero: DeepSpeed values; default: what HF Trainer resolves "auto" to for this model.
         notes: notes to carry into the result.
         activations: False leaves out what the step itself holds (activations, temporaries): the
-            rest is a lower bound of the GPU peak, and the host figure is unchanged. The search
-            prunes with it before it runs the activation model.
+            rest is a lower bound of the GPU peak (said in ``unmodeled``), and the host figure is
+            unchanged. The search prunes with it before it runs the activation model.
+
+    Returns:
+        The estimate; what it does not model is in ``Estimate.unmodeled`` (then ``fits`` is
+        None unless a budget is over on the modelled part alone), and a sequence past a RoPE
+        model's trained length is a note.
 
     Raises:
         ProfileError: the GPU cannot run the options (bf16 without bf16, flash-attn 2 before
-            Ampere or in fp32), the workload has media the model cannot take, or the selections
+            Ampere or in fp32), the workload has media the model cannot take, the sequence is
+            longer than the model's learned positions (`check_positions`), or the selections
             contradict each other or train nothing (`trainable_inventory`).
     """
     options.check_runs_on(cluster.gpu)
     check_media(model, options, workload)
+    notes = [*notes, *check_positions(model, workload.seq_len)]
     params = trainable_inventory(model, options)
     zero = zero or ZeroSettings.hf_auto(model.hidden_size)
     items = model_state_items(params, options, cluster.world_size, zero, workload.grad_accum)
-    missing: list[str] = []
+    modeled = None
     if activations:
-        step, missing = step_items(model, params, options, workload, items)
+        step, modeled = step_items(model, params, options, workload, items)
         items += step
     items += gathered_param_items(params, options, cluster.world_size, zero)
     items += ddp_bucket_items(params, options, cluster.world_size)
@@ -75,5 +84,6 @@ def estimate(
             total + (p.numel if p.origin == Origin.BASE else 0),
             trained + (p.numel if p.trainable else 0),
         )
-    notes = [*notes, *missing]
-    return assemble(items, group_params, cluster.gpus_per_node, cluster.gpu_memory_bytes, cluster.host_ram_bytes, notes)
+    gaps = unmodeled_parts(model, params, options, workload, modeled)
+    return assemble(items, group_params, cluster.gpus_per_node, cluster.gpu_memory_bytes, cluster.host_ram_bytes, notes,
+                    gaps)

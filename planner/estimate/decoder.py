@@ -32,6 +32,7 @@ Conventions:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -54,11 +55,24 @@ ATTENTIONS = ("eager", "sdpa", "flash_attention_2")
 # --------------------------------------------------------------------------------------------
 
 
+_LLM_PART = re.compile(r"(?:^|\.)((?:layers\.\d+|embed_tokens|norm)\..*)$")
+
+
+def _canonical(name: str) -> str:
+    """An LLM tensor's name as the causal LM names it (``model.layers.0...``, ``lm_head.weight``),
+    whatever module holds the LLM: ``model.language_model.layers.0...`` in a transformers
+    vision-language model, ``llm.model.layers.0...`` in MiniCPM's own code."""
+    if name == "lm_head.weight" or name.endswith(".lm_head.weight"):
+        return "lm_head.weight"
+    m = _LLM_PART.search(name)
+    return f"model.{m.group(1)}" if m else name
+
+
 def _lora_ranks(params: Sequence[Any] | None) -> dict[str, int]:
     """``{linear stem: rank}`` from LoRA entries of a ``planner.workload.inventory`` inventory."""
     out: dict[str, int] = {}
     for p in params or ():
-        name = p.tensor.name
+        name = _canonical(p.tensor.name)
         if name.endswith(".lora_A.weight"):
             out[name.removesuffix(".lora_A.weight")] = p.tensor.shape[0]
     return out
@@ -246,7 +260,8 @@ def _trainable_map(dims: DecoderDims, params: Sequence[Any] | None) -> dict[str,
     for p in params:
         if ".lora_" in p.tensor.name:
             continue
-        out[p.tensor.name] = out.get(p.tensor.name, False) or bool(p.trainable)
+        name = _canonical(p.tensor.name)
+        out[name] = out.get(name, False) or bool(p.trainable)
     return out
 
 

@@ -58,6 +58,29 @@ RUNTIME_ROW = "(runtime)"
 """Pseudo-group for overhead that is not tensors."""
 
 
+class Verdict(StrEnum):
+    """What an estimate says about fitting. ``UNKNOWN``: nothing is over on the modelled part,
+    but the ledger leaves something out (`Estimate.unmodeled`), so the total is a lower bound."""
+
+    FITS = "FITS"
+    DOES_NOT_FIT = "DOES NOT FIT"
+    UNKNOWN = "UNKNOWN"
+
+
+@dataclass(frozen=True, slots=True)
+class Unmodeled:
+    """Bytes that a step holds and the ledger does not count.
+
+    Attributes:
+        text: one short phrase: which group, what is not modelled and why (``"activations of
+            llm (model_type 'gpt2'): no activation model"``).
+        place: the budget those bytes would be in.
+    """
+
+    text: str
+    place: Place = Place.GPU
+
+
 @dataclass(frozen=True, slots=True)
 class Item:
     """Bytes one rank holds for one group, category and place, during some phases."""
@@ -79,6 +102,8 @@ class Budget:
         peak_phase: the phase where the total is largest.
         phase_totals: the total of every phase, bytes.
         phase_categories: bytes per category at every phase.
+        lower_bound: some bytes of this budget are not modelled (`Estimate.unmodeled`): every
+            figure is the modelled part, a lower bound of the real one.
     """
 
     capacity_bytes: int
@@ -86,6 +111,7 @@ class Budget:
     peak_phase: Phase = Phase.OPTIMIZER
     phase_totals: dict[Phase, int] = field(default_factory=dict)
     phase_categories: dict[Phase, dict[Category, int]] = field(default_factory=dict)
+    lower_bound: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -108,9 +134,16 @@ class Budget:
         return self.capacity_bytes - self.total_bytes
 
     @property
-    def fits(self) -> bool:
-        """Whether the total is within capacity."""
-        return self.total_bytes <= self.capacity_bytes
+    def over(self) -> bool:
+        """Whether the total is beyond capacity (certain even for a lower bound)."""
+        return self.total_bytes > self.capacity_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        """True within capacity, False over it, None when a lower bound is within it (unknown)."""
+        if self.over:
+            return False
+        return None if self.lower_bound else True
 
 
 @dataclass(frozen=True)
@@ -135,6 +168,8 @@ class Estimate:
         groups: the table's rows, in model order (pseudo-rows last).
         binding: ``"gpu"`` or ``"host"``: the budget with the least room left (relative).
         notes: facts the user should read with the numbers (assumptions, resolved defaults).
+        unmodeled: what the step holds that the ledger does not count, one phrase each; where
+            there is any, the budgets it would be in are lower bounds (`Budget.lower_bound`).
     """
 
     per_gpu: Budget
@@ -143,11 +178,20 @@ class Estimate:
     groups: tuple[GroupRow, ...]
     binding: str
     notes: tuple[str, ...] = field(default=())
+    unmodeled: tuple[str, ...] = field(default=())
 
     @property
-    def fits(self) -> bool:
-        """Whether both budgets hold."""
-        return self.per_gpu.fits and self.host.fits
+    def fits(self) -> bool | None:
+        """True when everything is modelled and both budgets hold; False when a budget is over on
+        its modelled part alone (a lower bound over is certain); None otherwise (unknown)."""
+        if self.per_gpu.over or self.host.over:
+            return False
+        return None if self.unmodeled else True
+
+    @property
+    def verdict(self) -> Verdict:
+        """`fits` in words: FITS, DOES NOT FIT or UNKNOWN."""
+        return {True: Verdict.FITS, False: Verdict.DOES_NOT_FIT, None: Verdict.UNKNOWN}[self.fits]
 
 
 def _zero() -> dict[Category, int]:
@@ -177,6 +221,7 @@ def assemble(
     gpu_capacity: int,
     host_capacity: int,
     notes: Iterable[str] = (),
+    unmodeled: Iterable[Unmodeled] = (),
 ) -> Estimate:
     """Sum one rank's items into the per-GPU budget, a node's host budget and the group rows,
     each at its own peak phase. Host bytes are per rank in ``items`` and multiplied by the ranks
@@ -189,8 +234,11 @@ def assemble(
         gpu_capacity: bytes per GPU.
         host_capacity: host RAM per node, bytes.
         notes: notes to carry.
+        unmodeled: what the items leave out; the budgets of its places become lower bounds.
     """
     items = list(items)
+    unmodeled = list(unmodeled)
+    gaps = {u.place for u in unmodeled}
     gpu_items = [it for it in items if it.place is Place.GPU]
     host_items = [it for it in items if it.place is Place.HOST]
     nvme = sum(it.nbytes for it in items if it.place is Place.NVME) * gpus_per_node
@@ -211,8 +259,8 @@ def assemble(
         for n in names
     )
     per_gpu = Budget(gpu_capacity, {c: sum(r.gpu[c] for r in rows) for c in Category}, gpu_peak, gpu_totals,
-                     _by_phase(gpu_items, 1))
+                     _by_phase(gpu_items, 1), Place.GPU in gaps)
     host = Budget(host_capacity, {c: sum(r.host[c] for r in rows) for c in Category}, host_peak, host_totals,
-                  _by_phase(host_items, gpus_per_node))
+                  _by_phase(host_items, gpus_per_node), Place.HOST in gaps)
     binding = "gpu" if per_gpu.free_bytes / per_gpu.capacity_bytes <= host.free_bytes / host.capacity_bytes else "host"
-    return Estimate(per_gpu, host, nvme, rows, binding, tuple(notes))
+    return Estimate(per_gpu, host, nvme, rows, binding, tuple(notes), tuple(dict.fromkeys(u.text for u in unmodeled)))

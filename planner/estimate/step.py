@@ -14,6 +14,7 @@ from typing import Any
 from planner.estimate.decoder import decoder_step_memory
 from planner.estimate.encoder_call import EncoderMemory
 from planner.estimate.encoders import resampler_memory, vision_tower_memory
+from planner.estimate.generic import fit_spec, flash_workspace_bytes, lookup
 from planner.estimate.result import FROM_BACKWARD, Category, Item, Phase, Place
 from planner.estimate.states import working_dtype
 from planner.estimate.whisper import whisper_encoder_memory
@@ -31,8 +32,10 @@ OPTIMIZER = frozenset({Phase.OPTIMIZER})
 
 
 def step_items(model: ModelSpec, params: Sequence[Param], options: TrainingOptions, workload: Workload,
-               state_items: list[Item]) -> tuple[list[Item], list[str]]:
-    """Activation and temporary items for one rank, and notes on what could not be modeled.
+               state_items: list[Item]) -> tuple[list[Item], frozenset[str]]:
+    """Activation and temporary items for one rank, and the groups whose step memory they model
+    (`coverage.unmodeled_parts` names each group that runs without a model: add a group here
+    when its model is).
 
     Under plain PyTorch the gradients build up during backward: the model-state gradient items
     are moved to the optimizer phase and the gradients alive at the backward peak are added for
@@ -40,7 +43,6 @@ def step_items(model: ModelSpec, params: Sequence[Param], options: TrainingOptio
     the decoder runs as a 16-bit module without autocast.
     """
     items: list[Item] = []
-    notes: list[str] = []
     modeled: set[str] = set()
     built = {p.group for p in params}
     encoders: list[tuple[str, EncoderMemory]] = []
@@ -53,32 +55,31 @@ def step_items(model: ModelSpec, params: Sequence[Param], options: TrainingOptio
             enc = _encoder_memory(group, params, options, workload, vision)
             if enc is not None:
                 encoders.append((group.name, enc))
-            elif any(p.trainable for p in params if p.group == group.name):
-                notes.append(f"activations of {group.name} ({group.kind}) are not modeled")
-            continue
-        if group.config.get("model_type") not in DECODER_TYPES:
-            notes.append(f"activations of {group.name}: no activation model for model_type "
-                         f"{group.config.get('model_type')!r}")
             continue
         mine = [p for p in params if p.group == group.name]
         deepspeed = options.engine is Engine.DEEPSPEED
-        mem = _memo(
-            decoder_step_memory,
-            group.config,
-            params=tuple(mine),
-            micro_batch=workload.micro_batch,
-            seq_len=workload.seq_len,
-            # DeepSpeed runs a 16-bit module without autocast whatever the precision flag says
-            # (module_dtype_bytes and autocast below): one key for amp-bf16, amp-fp16, pure-bf16.
-            precision=(_DS_PRECISION[working_dtype(options).itemsize] if deepspeed else options.precision.value),
-            attn=options.attn.value,
-            grad_ckpt=options.grad_ckpt,
-            # Under DeepSpeed the optimizer's own temporaries are the engine's (states.py), so the
-            # simulator's optimizer phase is not used: one key for every DeepSpeed optimizer.
-            optimizer_impl=OptimizerImpl.DS_FUSED_ADAM if deepspeed else options.optimizer_impl,
-            module_dtype_bytes=working_dtype(options).itemsize if deepspeed else None,
-            autocast=False if deepspeed else None,
-        )
+        if group.config.get("model_type") not in DECODER_TYPES:
+            mem = _traced_memory(group, params, options, workload)
+            if mem is None:
+                continue  # no terms for this setup: coverage names the group, the verdict is UNKNOWN
+        else:
+            mem = _memo(
+                decoder_step_memory,
+                group.config,
+                params=tuple(mine),
+                micro_batch=workload.micro_batch,
+                seq_len=workload.seq_len,
+                # DeepSpeed runs a 16-bit module without autocast whatever the precision flag says
+                # (module_dtype_bytes and autocast below): one key for amp-bf16, amp-fp16, pure-bf16.
+                precision=(_DS_PRECISION[working_dtype(options).itemsize] if deepspeed else options.precision.value),
+                attn=options.attn.value,
+                grad_ckpt=options.grad_ckpt,
+                # Under DeepSpeed the optimizer's own temporaries are the engine's (states.py), so the
+                # simulator's optimizer phase is not used: one key for every DeepSpeed optimizer.
+                optimizer_impl=OptimizerImpl.DS_FUSED_ADAM if deepspeed else options.optimizer_impl,
+                module_dtype_bytes=working_dtype(options).itemsize if deepspeed else None,
+                autocast=False if deepspeed else None,
+            )
         g = group.name
         modeled.add(g)
         llm_forward += mem.forward_activations + mem.forward_temporaries
@@ -104,7 +105,20 @@ def step_items(model: ModelSpec, params: Sequence[Param], options: TrainingOptio
             if it.group in modeled and it.category is Category.GRADIENTS and it.phases == FROM_BACKWARD else it
             for it in state_items
         ]
-    return [it for it in items if it.nbytes], notes
+    return [it for it in items if it.nbytes], frozenset(modeled | {name for name, _ in encoders})
+
+
+def _traced_memory(group, params: Sequence[Param], options: TrainingOptions, workload: Workload):  # noqa: ANN001, ANN202
+    """A decoder without a simulator: its step memory from fitted traces (``generic``), or None
+    when this process holds no terms for the setup (the CLI fits or reads them first)."""
+    spec = fit_spec(group, params, options)
+    if isinstance(spec, str):
+        return None
+    terms = lookup(group.config, spec, workload.micro_batch, workload.seq_len)
+    if terms is None:
+        return None
+    extra = flash_workspace_bytes(group.config, spec, workload.micro_batch, workload.seq_len)
+    return terms.step_memory(workload.micro_batch, workload.seq_len, extra_backward=extra)
 
 
 def _encoder_items(name: str, enc: EncoderMemory, llm_forward: int, llm_backward: int) -> list[Item]:

@@ -170,7 +170,9 @@ def find_fixes(model: ModelSpec, cluster: Cluster, setup: FileSetup, est: Estima
     evaluated = result.evaluated
     out = [_remedy(model, setup, cluster, c, cluster) for c in result.candidates]
     gpu_cap = cluster.gpu_memory_bytes * (1 - margin)
-    if est.per_gpu.total_bytes <= gpu_cap and est.host.total_bytes > cluster.host_ram_bytes * (1 - margin):
+    # the setup as written with more host RAM: a fix only where all of it is modelled
+    host_bound = est.host.total_bytes > cluster.host_ram_bytes * (1 - margin)
+    if not est.unmodeled and est.per_gpu.total_bytes <= gpu_cap and host_bound:
         for bigger in more_host_ram(cluster):
             if bigger.host_ram_bytes * (1 - margin) >= est.host.total_bytes:
                 again = estimate(model, bigger, setup.options, setup.workload, setup.zero)
@@ -275,8 +277,11 @@ def file_edits(model: ModelSpec, setup: FileSetup, cluster: Cluster, est: Estima
 
 def diagnose(model: ModelSpec, cluster: Cluster, setup: FileSetup, top: int = 5,
              margin: float = DEFAULT_MARGIN) -> Diagnosis:
-    """Estimate the setup; when it does not fit, find the cheapest fixes; name the traps."""
+    """Estimate the setup; when a budget is over, find the cheapest fixes; name the traps.
+
+    An UNKNOWN estimate (nothing over on the modelled part, something not modelled) gets no fixes:
+    nothing is known to be wrong, and the search ranks only fully modelled setups."""
     est = estimate(model, cluster, setup.options, setup.workload, setup.zero, notes=setup.notes)
-    fixes, evaluated = ([], 0) if est.fits else find_fixes(model, cluster, setup, est, top, margin)
+    fixes, evaluated = find_fixes(model, cluster, setup, est, top, margin) if est.fits is False else ([], 0)
     traps = find_traps(model, cluster, setup, est)
     return Diagnosis(est, fixes, traps, evaluated + 1)

@@ -71,7 +71,8 @@ LF_MINICPMO_ROLES = {"vpm": "vision", "apm": "vision", "audio_projection_layer":
 """LLaMA-Factory's composite model ``minicpmo`` (model_utils/visual.py): vision keys vpm, apm,
 audio_projection_layer, tts; projector resampler; language llm."""
 LF_ROLE_OF_KIND = {"decoder": "language", "siglip_vision": "vision", "whisper_encoder": "vision",
-                   "chattts": "vision", "resampler": "projector", "mlp_projector": "projector"}
+                   "chattts": "vision", "resampler": "projector", "mlp_projector": "projector",
+                   "vision_tower": "vision", "projector": "projector"}  # a config.json's (profile.hf_groups)
 
 LF_FLASH_ATTN = {"auto": Attention.SDPA, "sdpa": Attention.SDPA, "disabled": Attention.EAGER,
                  "fa2": Attention.FLASH_ATTENTION_2}

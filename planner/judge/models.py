@@ -35,14 +35,70 @@ def _build_model(req: TraceRequest, dev: str):
 
     with torch.device("meta"):
         model = _meta_model(req)
+        if req.keep_layers:
+            keep_layers(model, req.keep_layers)
+        if req.lora is not None:
+            # peft wraps the meta model before the fake tensors are made (it cannot move fake CPU
+            # adapters to the fake CUDA device); with checkpointing already on it calls
+            # enable_input_require_grads itself, as HF Trainer's peft path does.
+            if req.grad_ckpt:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model = _peft_wrap(model, req.lora)
     fake_from_meta(model, dev, req.precision)
     for name, p in model.named_parameters():
         if any(name.startswith(prefix) for prefix in req.frozen_prefixes):
             p.requires_grad_(False)
-    if req.grad_ckpt and hasattr(model, "gradient_checkpointing_enable"):
+    if req.grad_ckpt and req.lora is None and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
+
+
+def _peft_wrap(model, lora: dict):  # noqa: ANN001, ANN202
+    """``get_peft_model`` with LoRA adapters as memplan's trainers configure them (dropout 0)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora["targets"]
+    target_modules = "all-linear" if list(targets) == ["all-linear"] else list(targets)
+    cfg = LoraConfig(r=int(lora["r"]), lora_alpha=int(lora.get("alpha", 2 * int(lora["r"]))), lora_dropout=0.0,
+                     target_modules=target_modules)
+    return get_peft_model(model, cfg)
+
+
+def decoder_stack(model, n_layers: int):  # noqa: ANN001, ANN201
+    """(name, ModuleList) of the model's stack of ``n_layers`` decoder layers: the first
+    ``nn.ModuleList`` of that length in module order (``model.layers``, ``transformer.h``,
+    ``model.language_model.layers``...), or (None, None)."""
+    import torch
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n_layers and n_layers > 0:
+            return name, mod
+    return None, None
+
+
+def keep_layers(model, keep: tuple[int, ...]) -> None:  # noqa: ANN001
+    """Cut the decoder stack down to the layers ``keep`` (indices of the full model) in place:
+    each kept layer stays as the full model built it; the config's layer count and per-layer
+    lists follow, and every ``layer_idx`` is renumbered (caches and masks index by it)."""
+    config = model.config
+    n_built = config.num_hidden_layers
+    _, stack = decoder_stack(model, n_built)
+    if stack is None:
+        raise RuntimeError(f"no stack of {n_built} decoder layers found in {type(model).__name__}")
+    kept = [stack[i] for i in keep]
+    for new, layer in enumerate(kept):
+        for mod in layer.modules():
+            if isinstance(getattr(mod, "layer_idx", None), int):
+                mod.layer_idx = new
+    while len(stack):
+        del stack[len(stack) - 1]
+    for layer in kept:
+        stack.append(layer)
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == n_built and key != "architectures":
+            setattr(config, key, [value[i] for i in keep])
+    config.num_hidden_layers = len(keep)
 
 
 def _meta_model(req: TraceRequest):
@@ -61,6 +117,17 @@ def _meta_model(req: TraceRequest):
     if req.model_kind == "causal_lm":
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        if req.keep_layers:
+            # Build only as deep as the last kept layer; per-layer lists follow the depth.
+            n_full = int(cfg.get("num_hidden_layers", cfg.get("n_layer", 0)) or 0)
+            n_built = req.keep_layers[-1] + 1
+            if n_full and n_built > n_full:
+                raise ValueError(f"keep_layers names layer {n_built - 1} of a {n_full}-layer model")
+            for key, value in list(cfg.items()):
+                if isinstance(value, list) and n_full and len(value) == n_full:
+                    cfg[key] = value[:n_built]
+            cfg["num_hidden_layers"] = n_built
+            cfg.pop("n_layer", None)
         config = AutoConfig.for_model(mtype, **cfg)
         config._attn_implementation = req.attn
         return AutoModelForCausalLM.from_config(config, attn_implementation=req.attn, dtype=torch.float32)

@@ -233,3 +233,11 @@ def _patch_cuda_autocast() -> None:
 
     common.amp_definitely_not_available = lambda: False
     torch.cuda.is_bf16_supported = lambda *a, **k: True
+    # Kernel choices that ask for the GPU's generation (transformers' grouped_mm experts need
+    # SM80+) see an Ampere-or-later GPU, where memplan's plans for these models run.
+    torch.cuda.get_device_capability = lambda *a, **k: FAKE_CUDA_CAPABILITY
+
+
+FAKE_CUDA_CAPABILITY = (9, 0)
+"""Compute capability the fake CUDA device reports (Hopper): every kernel path memplan traces
+(flash and memory-efficient SDPA, transformers' grouped_mm mixture-of-experts) is open to it."""

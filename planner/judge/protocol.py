@@ -79,6 +79,13 @@ class TraceRequest:
             ``nn.Module`` with a method ``memplan_inputs(batch, device, dtype)`` returning the
             keyword arguments of its forward. The forward returns a tensor (or an object with
             ``last_hidden_state``).
+        keep_layers: for ``causal_lm``: build only these layers of the decoder stack (indices of
+            the full model, ascending), each as the full model builds it (its attention kind, its
+            dense or mixture-of-experts MLP), renumbered 0..n-1; empty: every layer. The reduced
+            copies of ``planner.judge.fit`` are built this way.
+        lora: for ``causal_lm``: peft LoRA over the model, ``{"r": 8, "alpha": 16, "targets":
+            ["q_proj", ...]}`` (peft's ``target_modules``; "all-linear" allowed), dropout 0, base
+            frozen as peft freezes it; None: no adapters.
     """
 
     model_config: dict
@@ -95,6 +102,8 @@ class TraceRequest:
     model_kind: str = "causal_lm"
     encoder_chunk: int = 0
     module_factory: str = ""
+    keep_layers: tuple[int, ...] = ()
+    lora: dict | None = None
 
     def __post_init__(self) -> None:
         if self.model_kind not in MODEL_KINDS:
@@ -113,6 +122,13 @@ class TraceRequest:
         if self.micro_batch < 1 or self.seq_len < 2 or self.steps < 1:
             raise ValueError("micro_batch >= 1, seq_len >= 2 and steps >= 1 are required")
         object.__setattr__(self, "frozen_prefixes", tuple(self.frozen_prefixes))
+        object.__setattr__(self, "keep_layers", tuple(int(i) for i in self.keep_layers))
+        if list(self.keep_layers) != sorted(set(self.keep_layers)) or any(i < 0 for i in self.keep_layers):
+            raise ValueError("keep_layers must be distinct, ascending layer indices >= 0")
+        if (self.keep_layers or self.lora) and self.model_kind != "causal_lm":
+            raise ValueError("keep_layers and lora apply to model_kind 'causal_lm' only")
+        if self.lora is not None and (int(self.lora.get("r", 0)) < 1 or not self.lora.get("targets")):
+            raise ValueError("lora needs r >= 1 and targets")
 
     def to_json(self) -> str:
         """The request as JSON (what the worker reads)."""
@@ -123,6 +139,7 @@ class TraceRequest:
         """Inverse of ``to_json``."""
         d = json.loads(text)
         d["frozen_prefixes"] = tuple(d.get("frozen_prefixes", ()))
+        d["keep_layers"] = tuple(d.get("keep_layers", ()))
         return cls(**d)
 
 

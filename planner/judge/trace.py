@@ -111,6 +111,17 @@ def trace_steps(reqs: list[TraceRequest], progress: Callable[[str], None] | None
 
 def _run_worker(payload: str, count: int, progress: Callable[[str], None] | None,
                 timeout: float | None) -> list[TraceResult]:
+    return [TraceResult.from_dict(r) for r in _run_module(payload, count, progress, timeout, "planner.judge.worker")]
+
+
+def _run_module(payload: str, count: int, progress: Callable[[str], None] | None, timeout: float | None,
+                module: str) -> list[dict]:
+    """Run ``python -m module`` with ``payload`` on stdin; its progress lines go to ``progress``;
+    its ``count`` result lines come back as dicts.
+
+    Raises:
+        TraceError: the worker failed, timed out or returned too few results.
+    """
     env = dict(os.environ)
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # The worker imports the same planner checkout as this process (and its tests package, for
@@ -118,7 +129,7 @@ def _run_worker(payload: str, count: int, progress: Callable[[str], None] | None
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "planner.judge.worker"], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, env=env)
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(payload)
@@ -148,7 +159,7 @@ def _run_worker(payload: str, count: int, progress: Callable[[str], None] | None
             err.seek(0)
             why = f"killed after {timeout} s" if killed.is_set() else f"exit status {rc}"
             raise TraceError(f"trace worker failed ({why}):\n{err.read()[-4000:]}")
-    return [TraceResult.from_dict(r) for r in results]
+    return results
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,20 +10,26 @@ from planner.errors import ProfileError
 from planner.profile.catalog import Catalog, ModelSpec, build_model
 
 
-def load_model(name: str, catalog: Catalog, flag: str = "--model") -> ModelSpec:
-    """A ModelSpec from a profile name or hub id, or from a local config.json / folder (the
-    latter imports torch and transformers, the ``train`` extra).
+def load_model(name: str, catalog: Catalog, flag: str = "--model", trust_remote_code: bool = False) -> ModelSpec:
+    """A ModelSpec from a profile name or hub id, or from a local config.json / folder (read from
+    the cache, or built with torch and transformers, the ``train`` extra).
+
+    Args:
+        name: what the user calls the model.
+        catalog: the profiles.
+        flag: the option it came from, for messages.
+        trust_remote_code: a local model that ships its own code may run it (``--trust-remote-code``).
 
     Raises:
         ProfileError: no such profile (with close matches), a folder without config.json, or a
-            config.json transformers cannot build.
+            config.json transformers cannot build (`hf_config.model_from_config`).
     """
     from planner.profile.hf_config import find_config, model_from_config
 
     if catalog.has_model(name):
         return build_model(catalog.model(name))
     if find_config(name) is not None:
-        return model_from_config(name)
+        return model_from_config(name, trust_remote_code=trust_remote_code)
     if Path(name).expanduser().exists():
         raise ProfileError(f"{flag} {name}: no config.json there")
     if _looks_like_path(name):

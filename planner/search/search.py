@@ -6,6 +6,11 @@ hold is a set of `Constraints` (both in `space`). Every candidate says what it g
 request, every rejected one which budget it broke and by how much. docs/tune.md explains the
 ranking; `fixes` looks outside the space when nothing (or nothing as asked) fits.
 
+A setup whose estimate leaves something out (`Estimate.unmodeled`) is never a candidate: when its
+modelled part fits it is listed in ``SearchResult.unknown``; when that part alone is over it is
+rejected like any other (a lower bound over is certain). Contexts longer than the model's learned
+absolute positions are not tried, and a note says so.
+
 How the search stays fast (the whole default space for MiniCPM-o on 2x3090 in well under two
 seconds): relaxations of the request are tried in the order they rank, and the next one only
 while fewer than ``top`` candidates fit; each setup is first estimated without the step's
@@ -36,6 +41,7 @@ from planner.search.space import (
     Request,
     SearchResult,
     SearchSpace,
+    Unknown,
 )
 from planner.speed.step_time import StepTime, step_time
 from planner.workload.inventory import (
@@ -57,6 +63,7 @@ from planner.workload.options import (
     attention_problem,
     precision_problem,
 )
+from planner.workload.positions import learned_positions
 from planner.workload.reference import MINICPM_BUILDS
 
 
@@ -126,7 +133,8 @@ def search(
     result = SearchResult([], [], 0, global_batch, constraints.margin)
     hows = list(_hows(space, cluster, request, constraints, result.notes))
     no_kernel: set[str] = set()
-    relaxations = sorted(_relaxations(model, request, constraints, space), key=lambda r: r.key)
+    relaxations = _within_positions(model, _relaxations(model, request, constraints, space), result.notes)
+    relaxations.sort(key=lambda r: r.key)
     first_fit = None
     bounds: dict[TrainingOptions, bool] = {}
     for relax in relaxations:
@@ -163,6 +171,19 @@ def search(
                             "(flash-attn 2 needs compute capability 8.0+ and 16-bit inputs)")
     result.candidates.sort(key=lambda c: c.rank_key)
     return result
+
+
+def _within_positions(model: ModelSpec, relaxations: list[_Relaxation], notes: list[str]) -> list[_Relaxation]:
+    """The relaxations whose context the model's learned absolute positions take; a note names
+    the contexts left out (`workload.positions`)."""
+    learned = learned_positions(model)
+    if learned is None:
+        return relaxations
+    kept = [r for r in relaxations if r.seq_len <= learned.positions]
+    skipped = sorted({r.seq_len for r in relaxations} - {r.seq_len for r in kept})
+    if skipped:
+        notes.append(f"contexts {', '.join(map(str, skipped))} not tried: {learned.why()}")
+    return kept
 
 
 def check_request(model: ModelSpec, cluster: Cluster, request: Request) -> None:
@@ -335,11 +356,13 @@ def _precision_give_ups(options: TrainingOptions, request: Request) -> tuple[Giv
 
 def _largest_micro_batch(model, cluster, options, request, relax, per_gpu, space, zero, gpu_cap, host_cap,
                          nvme_cap, result, bounds) -> tuple[Workload, Estimate] | None:
-    """The largest micro-batch that fits, with its estimate; None (and a rejection) when none does.
+    """The largest micro-batch that fits, with its estimate; None (and a rejection, or an UNKNOWN
+    entry when its estimate leaves something out) when none does.
 
     The estimate without activations depends on the options and the accumulation only, not on the
     context or the slices: ``bounds`` remembers it per options, so a setup whose model states do
-    not fit is estimated once, not once per relaxation of the data."""
+    not fit is estimated once, not once per relaxation of the data. It is a lower bound: over a
+    cap, the setup is out; within, it says nothing more."""
     crops = request.images * _crops(request, relax.max_slice_nums)  # per sample
     sizes = [mb for mb in sorted(space.micro_batches)
              if per_gpu % mb == 0 and mb * crops <= MAX_CROPS_PER_MICRO_STEP] or [1]
@@ -349,22 +372,28 @@ def _largest_micro_batch(model, cluster, options, request, relax, per_gpu, space
         if i == 0 and options not in bounds:
             bound = estimate(model, cluster, options, workload, zero, activations=False)
             result.evaluated += 1
-            bounds[options] = _fits(bound, gpu_cap, host_cap, nvme_cap)
+            bounds[options] = not _over(bound, gpu_cap, host_cap, nvme_cap)
             if not bounds[options]:
                 result.rejections.append(_rejection(options, workload, bound, gpu_cap, host_cap, True))
                 return None
         est = estimate(model, cluster, options, workload, zero)
         result.evaluated += 1
-        if not _fits(est, gpu_cap, host_cap, nvme_cap):
+        if _over(est, gpu_cap, host_cap, nvme_cap):
             if best is None:
                 result.rejections.append(_rejection(options, workload, est, gpu_cap, host_cap, False))
+            break
+        if est.unmodeled:
+            if best is None:
+                name = Candidate(options, workload, est, _NO_SPEED, ()).name
+                result.unknown.append(Unknown(name, est.unmodeled, est.per_gpu.total_bytes, est.host.total_bytes))
             break
         best = (workload, est)
     return best
 
 
-def _fits(est: Estimate, gpu_cap: int, host_cap: int, nvme_cap: int) -> bool:
-    return est.per_gpu.total_bytes <= gpu_cap and est.host.total_bytes <= host_cap and est.nvme_bytes <= nvme_cap
+def _over(est: Estimate, gpu_cap: int, host_cap: int, nvme_cap: int) -> bool:
+    """Whether a budget is over its cap: certain even when the estimate is a lower bound."""
+    return est.per_gpu.total_bytes > gpu_cap or est.host.total_bytes > host_cap or est.nvme_bytes > nvme_cap
 
 
 def _rejection(options, workload, est: Estimate, gpu_cap: int, host_cap: int, lower: bool) -> Rejection:

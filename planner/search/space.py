@@ -27,6 +27,7 @@ from planner.workload.options import (
     TrainingOptions,
     ZeroStage,
 )
+from planner.workload.vision import VisionRule
 
 DEFAULT_GLOBAL_BATCH = 16
 """Samples per optimizer step when the user names none: a common supervised fine-tuning batch
@@ -69,6 +70,8 @@ class Request(BaseModel):
     image_size: tuple[int, int] | None = None
     max_slice_nums: int = Field(default=9, gt=0)
     audio_seconds: float = Field(default=0.0, ge=0)
+    vision: VisionRule | None = None
+    """A vision-language model's image rule (`planner.workload.vision`); None: MiniCPM's slicing."""
     train: tuple[str, ...] | None = None
     freeze: tuple[str, ...] = ()
     without: tuple[str, ...] = ()
@@ -88,6 +91,7 @@ class Request(BaseModel):
             images=self.images,
             max_slice_nums=max_slice_nums or self.max_slice_nums,
             audio_seconds=self.audio_seconds,
+            vision=self.vision,
             **({"image_size": self.image_size} if self.image_size else {}),
         )
 
@@ -198,9 +202,22 @@ class Rejection:
     """True when only the estimate without activations was needed to reject it."""
 
 
+@dataclass(frozen=True)
+class Unknown:
+    """A setup whose modelled part fits but whose estimate leaves something out (UNKNOWN): never
+    ranked as fitting, listed so the user sees why."""
+
+    name: str
+    unmodeled: tuple[str, ...]
+    gpu_bytes: int
+    """Per GPU, the modelled part (a lower bound where the GPU side is not all modelled)."""
+    host_bytes: int
+    """Per node's host RAM, the modelled part."""
+
+
 @dataclass
 class SearchResult:
-    """Ranked candidates, the rejections and what was tried."""
+    """Ranked candidates, the rejections, the setups left UNKNOWN and what was tried."""
 
     candidates: list[Candidate]
     rejections: list[Rejection]
@@ -208,6 +225,8 @@ class SearchResult:
     global_batch: int
     margin: float
     notes: list[str] = field(default_factory=list)
+    unknown: list[Unknown] = field(default_factory=list)
+    """Setups whose modelled part fits and that are not all modelled, smallest micro-batch each."""
 
     @property
     def chosen(self) -> Candidate | None:

@@ -10,14 +10,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from planner.errors import ProfileError
 from planner.profile.architectures import Part, TensorKind, TensorSpec
 from planner.profile.catalog import ModelSpec, close_matches
+from planner.profile.hf_groups import PROJECTOR_KIND, VISION_TOWER_KIND
 from planner.workload.media import QUERY_TOKENS, AudioLayout, ImageLayout, audio_layout, image_layout
 from planner.workload.options import LoraOptions, TrainingOptions
+from planner.workload.vision import VisionLayout, VisionRule, check_vision
 
 DEFAULT_IMAGE_SIZE = (1344, 1344)
 """A large square photo: with MiniCPM's default 9 slices it uses all of them (3 x 3 + thumbnail,
@@ -63,6 +66,9 @@ class Workload(BaseModel):
     """(width, height) in pixels."""
     max_slice_nums: int = Field(default=9, gt=0)
     audio_seconds: float = Field(default=0.0, ge=0)
+    vision: VisionRule | None = None
+    """How a vision-language model read from a config.json turns an image into patches and LLM
+    tokens (`planner.workload.vision`); None: MiniCPM's slicing."""
 
     @model_validator(mode="after")
     def _bounded(self) -> Workload:
@@ -100,10 +106,12 @@ class Workload(BaseModel):
                              "tokens are part of each sample's context (raise --seq-len, or lower the media)")
         return self
 
-    def image_layout(self, query_tokens: int = QUERY_TOKENS) -> ImageLayout | None:
-        """How each image is cut (MiniCPM slicing), or None without images."""
+    def image_layout(self, query_tokens: int = QUERY_TOKENS) -> ImageLayout | VisionLayout | None:
+        """How each image is cut (the model family's rule, else MiniCPM slicing), or None without images."""
         if not self.images:
             return None
+        if self.vision is not None:
+            return self.vision.layout(*self.image_size)
         return image_layout(*self.image_size, self.max_slice_nums, query_tokens)
 
     def audio(self) -> AudioLayout | None:
@@ -117,12 +125,56 @@ def check_media(model: ModelSpec, options: TrainingOptions, workload: Workload) 
     Raises:
         ProfileError: names the option and the model.
     """
-    built = {g.kind for g in model.groups if g.name not in options.without}
-    if workload.images and "siglip_vision" not in built:
-        raise ProfileError(f"--images {workload.images}: {model.name} has no vision tower in this run")
-    if workload.audio_seconds and "whisper_encoder" not in built:
+    built = {g.name for g in model.groups if g.name not in options.without}
+    check_vision(model, built, workload.images, workload.vision)
+    if workload.audio_seconds and not any(g.kind == "whisper_encoder" and g.name in built for g in model.groups):
         raise ProfileError(f"--audio-seconds {workload.audio_seconds:g}: {model.name} has no audio encoder "
                            "in this run")
+
+
+class StepInput(StrEnum):
+    """What a group runs on in one training step."""
+
+    TEXT = "the text"
+    IMAGES = "the images"
+    AUDIO = "the audio"
+    DUMMY_IMAGE = "a dummy 224x224 image when a sample has none"
+    DUMMY_AUDIO = "a dummy 1 s audio when a sample has none"
+    UNKNOWN_KIND = "an input memplan does not know (assumed to run)"
+
+
+MINICPM_VISION_KINDS = ("siglip_vision", "resampler")
+MINICPM_AUDIO_KINDS = ("whisper_encoder", "mlp_projector")
+LOCAL_MEDIA_KINDS = ("module", VISION_TOWER_KIND, PROJECTOR_KIND)
+"""Groups of a local config.json beside its LLM: a vision-language model runs its tower and
+projector only on a sample's images (LlavaModel, Qwen2VLModel... skip them without
+``pixel_values``)."""
+NOT_IN_STEP_KINDS = ("chattts",)
+"""MiniCPM-o's TTS head: its training ``forward`` never calls it (modeling_minicpmo.py, ``forward``)."""
+
+
+def step_input(kind: str, workload: Workload) -> StepInput | None:
+    """What a group of ``kind`` runs on in one training step, or None when it does not run.
+
+    MiniCPM's training forward runs its vision tower and resampler on a dummy 224x224 image when
+    the sample has no image, and (with audio built) Whisper and the audio projection on a dummy
+    100-frame mel input when it has no audio, so that their gradients exist
+    (modeling_minicpmo.py ``get_vllm_embedding`` and ``get_audio_embedding``, ``self.training``
+    branches; the copy cited in profiles/models/minicpm.toml). A ``module`` group (a local
+    config.json's vision tower or projector) runs only on images; a kind this table does not know
+    is assumed to run.
+    """
+    if kind == "decoder":
+        return StepInput.TEXT
+    if kind in MINICPM_VISION_KINDS:
+        return StepInput.IMAGES if workload.images else StepInput.DUMMY_IMAGE
+    if kind in MINICPM_AUDIO_KINDS:
+        return StepInput.AUDIO if workload.audio_seconds else StepInput.DUMMY_AUDIO
+    if kind in LOCAL_MEDIA_KINDS:
+        return StepInput.IMAGES if workload.images else None
+    if kind in NOT_IN_STEP_KINDS:
+        return None
+    return StepInput.UNKNOWN_KIND
 
 
 class Origin:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from planner.errors import ProfileError
 from planner.profile.catalog import ModelSpec
+from planner.workload.vision import check_vision, vision_rule
 
 DEFAULT_MODEL = "minicpm-o-2.6"
 """The model planned when ``--model`` is not given (the reference report's)."""
@@ -63,18 +64,20 @@ def minicpm_not_built(spec: ModelSpec) -> tuple[str, ...]:
 
 def default_images(spec: ModelSpec, without: tuple[str, ...], images: int | None,
                    audio_seconds: float = 0.0) -> int:
-    """Images per sample: one where a vision tower is built, else none; media a run cannot take
-    refused.
+    """Images per sample: one where a vision tower memplan can cut images for is built, else none;
+    media a run cannot take refused.
 
     Raises:
         ProfileError: images without a built vision tower, or audio without a built audio encoder.
     """
     built = {g.name for g in spec.groups} - set(without)
-    has_vision = any(g.kind == "siglip_vision" and g.name in built for g in spec.groups)
+    rule = vision_rule(spec, without)
+    has_vision = rule is not None or any(g.kind == "siglip_vision" and g.name in built for g in spec.groups)
     has_audio = any(g.kind == "whisper_encoder" and g.name in built for g in spec.groups)
     if images is None:
         images = 1 if has_vision else 0
     if images and not has_vision:
+        check_vision(spec, built, images, rule)  # says which tower has no rule
         raise ProfileError(f"--images {images}: {spec.name} has no vision tower in this run")
     if audio_seconds and not has_audio:
         raise ProfileError(f"--audio-seconds: {spec.name} has no audio encoder in this run")

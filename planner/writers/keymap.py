@@ -151,6 +151,8 @@ ROLE_OF_KIND = {
     "chattts": "vision",
     "resampler": "projector",
     "mlp_projector": "projector",
+    "vision_tower": "vision",  # a config.json's vision tower (profile.hf_groups)
+    "projector": "projector",  # and its projector
 }
 """What MiniCPM's and LLaMA-Factory's freeze flags call a group of each kind. LLaMA-Factory's
 MiniCPM-o registration puts vpm, apm and tts in its "vision tower" set and the resampler as its
