@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from planner.errors import ProfileError
 from planner.estimate.states import ZeroSettings
@@ -198,8 +198,8 @@ class TrainerSettings(BaseModel):
     save_total_limit: int = Field(default=3, gt=0)
     seed: int = 42
     lora_alpha: int | None = None
-    """LoRA alpha; None: equal to the rank (MiniCPM-o's finetune_lora.sh uses r 64, alpha 64)."""
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    """LoRA alpha; None: equal to the rank (MiniCPM-o's finetune_lora.sh uses r 64, alpha 64). The
+    dropout is not here: it costs memory, so it is ``options.lora.dropout``, estimated and written."""
     nvme_path: str = "/local_nvme"
     """A folder on the NVMe drive for ZeRO-Infinity offload (DeepSpeed's docs use /local_nvme)."""
 
@@ -243,6 +243,22 @@ class Plan(BaseModel):
     that still has it, never one the user wrote or edited."""
     skipped: dict[str, str] = Field(default_factory=dict)
     """Files this plan has none of, and why (a trainer that cannot express it)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dropout_into_options(cls, doc: Any) -> Any:  # noqa: ANN401
+        """A ``plan.json`` written before the dropout was estimated kept it as
+        ``trainer.lora_dropout``; it moves to ``options.lora.dropout``, the value its files wrote."""
+        trainer = doc.get("trainer") if isinstance(doc, dict) else None
+        if not isinstance(trainer, dict) or "lora_dropout" not in trainer:
+            return doc
+        trainer = dict(trainer)
+        dropout = trainer.pop("lora_dropout")
+        doc = dict(doc, trainer=trainer)
+        options = doc.get("options")
+        if isinstance(options, dict) and isinstance(options.get("lora"), dict):
+            doc["options"] = dict(options, lora={"dropout": dropout, **options["lora"]})
+        return doc
 
     @property
     def deepspeed(self) -> bool:

@@ -22,6 +22,9 @@ def _own_cache(tmp_path_factory, monkeypatch):
     """Each test its own empty memplan cache (``$MEMPLAN_CACHE_DIR``, outside the test's folder):
     an inventory cached by an earlier test would hide a build, and tests never write ~/.cache."""
     monkeypatch.setenv("MEMPLAN_CACHE_DIR", str(tmp_path_factory.mktemp("memplan-cache")))
+    # ... and its own empty config folder: a developer's ~/.config/memplan calibration profile
+    # would change the runtime constants the tests check.
+    monkeypatch.setenv("MEMPLAN_CONFIG_DIR", str(tmp_path_factory.mktemp("memplan-config")))
 
 
 @pytest.fixture(autouse=True)

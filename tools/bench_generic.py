@@ -5,6 +5,7 @@ first (fitting) and the next (cached) estimate.
 
     python tools/bench_generic.py OUT.jsonl [--only NAME,...]
     python tools/bench_generic.py OUT.jsonl --fitted-from DONE.jsonl
+    python tools/bench_generic.py DONE.jsonl --markdown      (the table in docs/accuracy.md)
 
 The second form checks the terms a search uses (five points around the anchor and a check,
 ``planner.estimate.fitted``) against the full-depth traces the first form recorded, at the
@@ -122,12 +123,39 @@ def fitted_case(row: dict) -> dict:
     return out
 
 
+def markdown(rows: list[dict]) -> str:
+    """The results as the table docs/accuracy.md shows (GiB = 2^30 B)."""
+    out = ["| model | parameters | setup | workload | estimate GiB | trace GiB | error | first estimate s |",
+           "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if "anchor" not in row:
+            out.append(f"| {row['name']} | | failed: {row.get('error_text', '')[:80]} | | | | | |")
+            continue
+        setup = f"{row['precision']}, {row['attn']}, ckpt {'on' if row['ckpt'] else 'off'}"
+        for label in ("anchor", "off_anchor"):
+            r = row[label]
+            b, s = r["workload"]
+            if "error" not in r:
+                out.append(f"| {row['name']} | {row['params'] / 1e9:.2f}B | {setup} | {b} x {s} | UNKNOWN | "
+                           f"{r['trace_peak'] / 2**30:.2f} | - | |")
+                continue
+            first = row["first_estimate_s"] if label == "anchor" else ""
+            est, trace = r["estimate_peak"] / 2**30, r["trace_peak"] / 2**30
+            out.append(f"| {row['name']} | {row['params'] / 1e9:.2f}B | {setup} | {b} x {s} | "
+                       f"{est:.2f} | {trace:.2f} | {r['error']:+.2%} | {first} |")
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--only", default="")
     ap.add_argument("--fitted-from", default="")
+    ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown([json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]))
+        return 0
     only = set(filter(None, args.only.split(",")))
     os.environ.setdefault("MEMPLAN_CACHE_DIR", tempfile.mkdtemp(prefix="memplan-bench-cache-"))
     if args.fitted_from:

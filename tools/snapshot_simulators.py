@@ -138,6 +138,13 @@ def _points() -> Iterator[tuple[str, Callable[[], Any]]]:
                     yield key, lambda v=v, prec=prec, attn=attn, ckpt=ckpt: dsm(
                         v["cfg"], micro_batch=2, seq_len=128, precision=prec, attn=attn, grad_ckpt=ckpt,
                         params=v["params"])
+    for vname in ("qwen2/lora-mlp", "phi3-mha/lora-attn"):  # lora_dropout > 0: copies and masks
+        for prec in PRECISIONS:
+            for ckpt in (False, True):
+                key = f"dec-dropout/{vname}/{prec}/ckpt={ckpt}"
+                yield key, lambda v=variants[vname], prec=prec, ckpt=ckpt: dsm(
+                    v["cfg"], micro_batch=2, seq_len=128, precision=prec, grad_ckpt=ckpt, params=v["params"],
+                    lora_dropout=0.05)
     lora_q = variants["qwen2/lora-attn"]["params"]
     for irg in (False, True):
         for ckpt in (False, True):

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from planner.errors import ProfileError
 from planner.units import parse_size
+from planner.workload.options import LORA_DROPOUT
 
 
 class UserError(click.ClickException):
@@ -168,6 +169,26 @@ trust_remote_code_option = click.option(
 )
 
 
+lora_dropout_option = click.option(
+    "--lora-dropout",
+    type=FiniteFloat(min=0, max=1, max_open=True),
+    default=LORA_DROPOUT,
+    show_default=True,
+    help="peft lora_dropout of the adapters. Above 0 each adapter keeps a dropped copy of its input and a "
+    "mask for backward (the value itself changes no byte); 0 is peft's default. The default is MiniCPM-o's "
+    "and LitGPT's, and what tune's plans write.",
+)
+
+
+def lora_dropout_note(ctx: click.Context, lora: Any) -> str | None:
+    """A note when LoRA runs with the default ``--lora-dropout`` the user did not state: the
+    estimate assumes dropout on (it never says FITS for less than a run with dropout needs)."""
+    if lora is None or ctx.get_parameter_source("lora_dropout") is not click.core.ParameterSource.DEFAULT:
+        return None
+    return (f"LoRA dropout {lora.dropout:g} assumed (each adapter keeps its dropped input and mask); "
+            "--lora-dropout 0 if the run uses none (peft's default)")
+
+
 def make_cluster_noted(gpus: str | None, catalog: Any, host_ram: int | None, notes: list[str]) -> Any:
     from planner.profile.hardware import make_cluster
     from planner.workload.reference import DEFAULT_GPUS
@@ -183,3 +204,18 @@ def make_cluster_noted(gpus: str | None, catalog: Any, host_ram: int | None, not
     if cluster.note:
         notes.append(cluster.note)
     return cluster
+
+
+def runtime_model(cluster: Any) -> Any:
+    """The runtime constants for the cluster's GPU (`estimate.runtime.RuntimeModel`): what
+    ``memplan calibrate`` measured on it when the user's config folder holds a calibration profile
+    for that GPU (``calibration/<gpu>.toml``), else the sourced defaults. The estimate names which.
+
+    Raises:
+        ProfileError: a calibration file that is there but broken (one line naming it).
+    """
+    from planner.estimate.runtime import RuntimeModel
+    from planner.profile.calibration import load_calibration
+
+    profile = load_calibration(cluster.gpu.name)
+    return RuntimeModel() if profile is None else RuntimeModel.from_calibration(profile)

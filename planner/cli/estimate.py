@@ -12,11 +12,14 @@ from planner.cli.common import (
     FiniteFloat,
     UserError,
     json_text,
+    lora_dropout_note,
+    lora_dropout_option,
     make_cluster_noted,
     parse_image_size,
     parse_names,
     parse_size_arg,
     profiles_dir_option,
+    runtime_model,
     trust_remote_code_option,
     user_errors,
 )
@@ -31,6 +34,7 @@ Examples:
       --without apm,audio_projection_layer,tts --freeze vpm --offload-optimizer none
   memplan estimate --model qwen2.5-7b --gpus 4xa100-80g --engine torch --precision pure-bf16
   memplan estimate --model ./my-model/config.json --gpus 2x4090 --lora-rank 16 --json
+  memplan estimate --model qwen2.5-7b --gpus 1x4090 --engine torch --lora-rank 8 --lora-dropout 0
 """
 
 
@@ -85,6 +89,7 @@ Examples:
     help="Linear names to adapt [default: q_proj,k_proj,v_proj,o_proj]; all-linear for all.",
 )
 @click.option("--lora-groups", multiple=True, callback=parse_names, help="Groups that get adapters [default: the LLM].")
+@lora_dropout_option
 @click.option(
     "--micro-batch", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per GPU per micro-step."
 )
@@ -92,7 +97,7 @@ Examples:
     "--grad-accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-steps per optimizer step."
 )
 @click.option(
-    "--seq-len", type=click.IntRange(min=1), default=1024, show_default=True, help="Tokens per sample (context length)."
+    "--seq-len", type=click.IntRange(min=2), default=1024, show_default=True, help="Tokens per sample (context length)."
 )
 @click.option("--grad-ckpt/--no-grad-ckpt", default=True, show_default=True, help="Activation checkpointing.")
 @click.option("--attn", type=click.Choice(["eager", "sdpa", "flash_attention_2"]), default="sdpa", show_default=True,
@@ -126,6 +131,7 @@ def estimate(
     lora_rank: int | None,
     lora_targets: tuple[str, ...] | None,
     lora_groups: tuple[str, ...] | None,
+    lora_dropout: float,
     micro_batch: int,
     grad_accum: int,
     seq_len: int,
@@ -167,12 +173,13 @@ def estimate(
         if ctx.get_parameter_source("offload_param") is default:
             offload_param = "none"
     lora = None
+    default_source = click.core.ParameterSource.DEFAULT
     if lora_rank is not None:
-        lora = LoraOptions(
-            rank=lora_rank, **({"targets": lora_targets} if lora_targets else {}), groups=lora_groups or ()
-        )
-    elif lora_targets or lora_groups:
-        raise UserError("--lora-targets and --lora-groups need --lora-rank")
+        lora = LoraOptions(rank=lora_rank, **({"targets": lora_targets} if lora_targets else {}),
+                           groups=lora_groups or (), dropout=lora_dropout)
+        notes += [n for n in (lora_dropout_note(ctx, lora),) if n]
+    elif lora_targets or lora_groups or ctx.get_parameter_source("lora_dropout") is not default_source:
+        raise UserError("--lora-targets, --lora-groups and --lora-dropout need --lora-rank")
     options = TrainingOptions(
         engine=engine,
         zero=int(zero),
@@ -202,7 +209,8 @@ def estimate(
     notes += [n for n in (image_note(images, workload.image_layout()),) if n]
     from planner.cli.fitting import run_with_terms
 
-    est = run_with_terms(lambda: run_estimate(spec, cluster, options, workload, notes=notes), notes)
+    runtime = runtime_model(cluster)
+    est = run_with_terms(lambda: run_estimate(spec, cluster, options, workload, notes=notes, runtime=runtime), notes)
     from planner.cli import render
 
     title = f"{spec.name} on {cluster.label}, {_describe(options)}"

@@ -19,6 +19,7 @@ from planner.cli.common import (
     parse_image_size,
     parse_size_arg,
     profiles_dir_option,
+    runtime_model,
     user_errors,
 )
 from planner.profile.load import load_model
@@ -122,7 +123,9 @@ def explain(files: tuple[Path, ...], arg_strings: tuple[str, ...], model: str | 
         raise UserError(f"--audio-seconds: {spec.name} has no audio encoder in this run")
     from planner.cli.fitting import run_with_terms
 
-    diagnosis = run_with_terms(lambda: diagnose(spec, cluster, setup, top=top, margin=margin), setup.notes)
+    runtime = runtime_model(cluster)
+    diagnosis = run_with_terms(lambda: diagnose(spec, cluster, setup, top=top, margin=margin, runtime=runtime),
+                               setup.notes)
     from planner.cli import render_explain
 
     if as_json:

@@ -115,7 +115,7 @@ def _summary(model_type: str, used: list[tuple[ActivationTerms, bool]]) -> str:
     ranges = [t.check[2] for t, _ in used if 0 <= t.check[2] <= FIT_TOLERANCE]
     cached = sum(1 for _, c in used if c)
     over = f"{len(ranges)} over a range of workloads (checked within {max(ranges):.2%}), " if ranges else ""
-    return (f"activations of the {model_type} decoder ({kinds}) from traces of reduced copies of the real model: "
+    return (f"activations of {_what(model_type, first)} ({kinds}) from traces of reduced copies of the real model: "
             f"{len(used)} sets of terms ({over}{len(used) - len(ranges)} exact at one workload each; "
             f"{cached} from the cache), extrapolated in depth")
 
@@ -132,7 +132,9 @@ def _fit_want(want: generic.Want, have: list[ActivationTerms], say: Callable[[st
     if not todo:
         return []
     new: list[ActivationTerms] = []
-    if len(todo) > 1:
+    # With images the step also has terms in B alone (the tower's), which the (B, S) basis has
+    # not: each workload is traced on its own, exact there.
+    if len(todo) > 1 and not want.spec.images:
         terms = _fit(want, want.anchor, False, say, notes)
         if terms is None:
             return []
@@ -175,10 +177,19 @@ def describe(terms: ActivationTerms, model_type: str, cached: bool = False) -> s
     b, s = terms.anchor
     where = " (from the cache)" if cached else ""
     if terms.check[2] < 0:
-        return (f"activations of the {model_type} decoder ({kinds}) from traces of reduced copies at "
+        return (f"activations of {_what(model_type, terms)} ({kinds}) from traces of reduced copies at "
                 f"{b} x {s} tokens, extrapolated in depth{where}")
-    return (f"activations of the {model_type} decoder ({kinds}) fitted to traces of reduced copies around "
+    return (f"activations of {_what(model_type, terms)} ({kinds}) fitted to traces of reduced copies around "
             f"{b} x {s} tokens; check {terms.check[2]:.2%} off at {terms.check[0]} x {terms.check[1]}{where}")
+
+
+def _what(model_type: str, terms: ActivationTerms) -> str:
+    """What the terms stand for: a decoder, or a vision-language model's whole step."""
+    if model_type not in generic.VLM_TYPES:
+        return f"the {model_type} decoder"
+    if any(k.startswith("vision: ") for k in terms.kinds):
+        return f"the {model_type} step (language model, vision tower and projector)"
+    return f"the {model_type} step (text only: the language model)"
 
 
 def _last_line(text: str) -> str:

@@ -23,6 +23,7 @@ COMMANDS = {
     "train": "planner.cli.launch:train",
     "trace": "planner.cli.trace:trace",
     "profiles": "planner.cli.profiles:profiles",
+    "calibrate": "planner.cli.calibrate:calibrate",
 }
 """Command name -> ``module:object``; the registry, read only when a command is looked up."""
 

@@ -12,8 +12,7 @@ from rich.console import Group as RichGroup
 from rich.table import Table
 from rich.text import Text
 
-from planner.estimate.result import Budget, Category, Estimate, Verdict
-from planner.search.search import summarize_rejections
+from planner.estimate.result import Band, Budget, Category, Estimate, Verdict
 from planner.units import GIB, format_bytes
 
 # One colour per category, shared by table headers and bars.
@@ -72,7 +71,13 @@ def group_table(est: Estimate, title: str, place: str) -> Table:
     shown = [c for c in Category if budget.by_category[c]] or [Category.WEIGHTS]  # empty columns hidden
     for c in shown:
         table.add_column(_LABELS[c], justify="right", style=_COLORS[c], footer=_gib_cell(budget.by_category[c]))
-    table.add_column("total", justify="right", style="bold", footer=_gib_cell(budget.total_bytes))
+    band = budget.band
+    if band.low != band.high:  # the total row carries the band: expected, then its low and high ends
+        table.columns[0].footer = "total\n  low\n  high"
+        total_footer = "\n".join(_gib_cell(v) for v in (band.expected, band.low, band.high))
+    else:
+        total_footer = _gib_cell(budget.total_bytes)
+    table.add_column("total", justify="right", style="bold", footer=total_footer)
     for r in est.groups:
         cells = r.gpu if place == "gpu" else r.host
         if not r.params and not any(cells.values()):
@@ -87,58 +92,106 @@ def group_table(est: Estimate, title: str, place: str) -> Table:
     return table
 
 
-def bar(label: str, budget: Budget, width: int = 50) -> Text:
-    """A stacked bar of each category's share of a budget's capacity, then the totals."""
-    text = Text(f"{label:<10}")
+BAR_LINE = 80
+"""Columns a bar line takes, label and figures included."""
+
+
+def bar(label: str, budget: Budget, width: int | None = None) -> Text:
+    """A stacked bar of each category's share of a budget's capacity at the expected figure, a
+    shaded run from there to the band's high end, then the figures: expected (low-high) of the
+    capacity. Fits `BAR_LINE` columns unless ``width`` is given."""
+    band = budget.band
     cap = max(budget.capacity_bytes, 1)
-    scale = max(cap, budget.total_bytes)
+    figures = f"  {needs(budget)}{_range(band)} / {gib(budget.capacity_bytes)} ({band.expected / cap:.0%})"
+    width = width or max(20, BAR_LINE - 10 - len(figures))
+    scale = max(cap, band.high)
+    text = Text(f"{label:<10}")
     used = 0
     for c in Category:
         cells = round(budget.by_category[c] / scale * width)
         text.append("█" * cells, style=_COLORS[c])
         used += cells
+    high_cell = max(used, round(band.high / scale * width))
+    text.append("▒" * (high_cell - used), style=_VERDICT_STYLE[budget.verdict])
     cap_cell = round(cap / scale * width)
-    if used < cap_cell:
-        text.append("·" * (cap_cell - used), style="dim")
-    if budget.total_bytes > cap:
+    if high_cell < cap_cell:
+        text.append("·" * (cap_cell - high_cell), style="dim")
+    elif band.high > cap:
         text.append("│", style="bold red")
-    pct = budget.total_bytes / cap * 100
-    style = "red" if budget.over else "yellow" if budget.lower_bound else "green"
-    text.append(f"  {needs(budget)} / {gib(budget.capacity_bytes)} ({pct:.0f}%)", style=style)
+    text.append(figures, style=_VERDICT_STYLE[budget.verdict])
     return text
 
 
+_VERDICT_STYLE = {Verdict.FITS: "green", Verdict.TIGHT: "yellow", Verdict.UNKNOWN: "yellow",
+                  Verdict.DOES_NOT_FIT: "red"}
+
+
+def _range(band: Band) -> str:
+    """`` (low-high)`` in GiB, or nothing for an exact figure."""
+    if band.low == band.high:
+        return ""
+    return f" ({band.low / GIB:.2f}-{band.high / GIB:.2f})"
+
+
 def needs(budget: Budget) -> str:
-    """A budget's total, ``at least`` where it is a lower bound (some bytes are not modelled)."""
+    """A budget's expected total, ``at least`` where it is a lower bound (some bytes are not
+    modelled)."""
     return f"{'at least ' if budget.lower_bound else ''}{gib(budget.total_bytes)}"
 
 
+def figures_table(est: Estimate) -> Table | None:
+    """The most loaded GPU's three figures as a user meets them, low / expected / high, GiB."""
+    f = est.gpu_figures
+    if f is None:
+        return None
+    bound = " (lower bounds)" if est.per_gpu.lower_bound else ""
+    table = Table(title=f"per GPU as you will see it, GiB{bound}", title_justify="left", pad_edge=False)
+    table.add_column("figure")
+    for col in ("low", "expected", "high"):
+        table.add_column(col, justify="right")
+    rows = (("torch.cuda.max_memory_allocated()", f.allocated), ("torch.cuda.max_memory_reserved()", f.reserved),
+            ("nvidia-smi (this process)", f.device))
+    for name, band in rows:
+        table.add_row(name, *(f"{v / GIB:.2f}" for v in (band.low, band.expected, band.high)))
+    return table
+
+
 def legend() -> Text:
-    """Colour key of the bars."""
-    text = Text(" " * 10)
+    """Colour key of the bars, in one line of 80 columns."""
+    text = Text()
     for c in Category:
-        text.append("█ ", style=_COLORS[c])
-        text.append(f"{c.value}  ")
+        text.append("█", style=_COLORS[c])
+        text.append(f" {_LABELS[c]} ")
+    text.append("▒", style="yellow")
+    text.append(" band")
     return text
 
 
 def verdict(est: Estimate) -> Text:
-    """One line: FITS, DOES NOT FIT or UNKNOWN, with the binding budget and its margin (FITS),
-    the budgets over (DOES NOT FIT) or the modelled part as a lower bound (UNKNOWN)."""
+    """One line: FITS (the binding budget and its room at the high end), TIGHT (the budgets whose
+    high end is over), DOES NOT FIT (the budgets over at the expected figure) or UNKNOWN (the
+    modelled part as a lower bound)."""
+    named = (("per GPU", est.per_gpu), ("host RAM per node", est.host))
     budget = est.per_gpu if est.binding == "gpu" else est.host
     where = "per GPU" if est.binding == "gpu" else "host RAM per node"
     if est.verdict is Verdict.UNKNOWN:
-        parts = ", ".join(f"{name} needs {needs(b)} of {gib(b.capacity_bytes)}"
-                          for name, b in (("per GPU", est.per_gpu), ("host RAM per node", est.host)))
+        parts = ", ".join(f"{name} needs {needs(b)} of {gib(b.capacity_bytes)}" for name, b in named)
         return Text(f"UNKNOWN: {parts}; what is not modelled (above) may or may not fit in the rest.",
                     style="bold yellow")
     if est.verdict is Verdict.FITS:
+        room = budget.capacity_bytes - budget.band.high
         return Text(
-            f"FITS: {where} is the binding budget, {gib(budget.free_bytes)} left "
-            f"({budget.free_bytes / budget.capacity_bytes:.0%} of {gib(budget.capacity_bytes)}).",
+            f"FITS: {where} is the binding budget, {gib(room)} left at the high end of its band "
+            f"({room / budget.capacity_bytes:.0%} of {gib(budget.capacity_bytes)}).",
             style="bold green",
         )
-    over = [(name, b) for name, b in (("per GPU", est.per_gpu), ("host RAM per node", est.host)) if b.over]
+    if est.verdict is Verdict.TIGHT:
+        tight = [(n, b) for n, b in named if b.band.verdict(b.capacity_bytes) is Verdict.TIGHT]
+        parts = ", ".join(f"{n} expects {gib(b.total_bytes)} of {gib(b.capacity_bytes)} but may reach "
+                          f"{gib(b.band.high)} ({gib(b.band.high - b.capacity_bytes)} over)" for n, b in tight)
+        return Text(f"TIGHT: {parts}; fragmentation and workspaces decide (docs/runtime.md). Leave room: "
+                    "a smaller micro-batch, or memplan tune.", style="bold yellow")
+    over = [(name, b) for name, b in named if b.over]
     parts = ", ".join(
         f"{name} needs {needs(b)} of {gib(b.capacity_bytes)} ({gib(-b.free_bytes)} over)" for name, b in over
     )
@@ -161,7 +214,11 @@ def estimate_view(est: Estimate, title: str) -> RichGroup:
         host_title = (f"host RAM per node (all its ranks) at the {est.host.peak_phase} peak, GiB"
                       f"{lower if est.host.lower_bound else ''}")
         parts.append(group_table(est, host_title, "host"))
+    figures = figures_table(est)
+    parts += [figures] if figures is not None else []
     parts += [Text(""), bar("per GPU", est.per_gpu), bar("host", est.host), legend()]
+    if est.runtime:
+        parts.append(Text(f"runtime constants: {est.runtime}", style="dim"))
     if est.nvme_bytes:
         parts.append(Text(f"NVMe per node: {gib(est.nvme_bytes)}"))
     for note in est.notes:
@@ -182,7 +239,14 @@ def _budget_json(b: Budget) -> dict[str, Any]:
         "by_phase": {ph.value: {c.value: v for c, v in cats.items()} for ph, cats in b.phase_categories.items()},
         "by_category": {c.value: v for c, v in b.by_category.items()},
         "lower_bound": b.lower_bound,
+        "band": band_json(b.band),
+        "verdict": b.verdict.value,
     }
+
+
+def band_json(band: Band) -> dict[str, int]:
+    """A band in ``--json``: its three points, bytes."""
+    return {"low_bytes": band.low, "expected_bytes": band.expected, "high_bytes": band.high}
 
 
 def estimate_json(est: Estimate, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -201,6 +265,12 @@ def estimate_json(est: Estimate, extra: dict[str, Any] | None = None) -> dict[st
             }
             for r in est.groups
         ],
+        gpu_figures=None if est.gpu_figures is None else {
+            "allocated": band_json(est.gpu_figures.allocated),
+            "reserved": band_json(est.gpu_figures.reserved),
+            "nvidia_smi": band_json(est.gpu_figures.device),
+        },
+        runtime=est.runtime,
         fits=est.fits,
         verdict=est.verdict.value,
         unmodeled=list(est.unmodeled),
@@ -244,166 +314,3 @@ def trace_view(report: Any) -> RichGroup:
     parts: list[Any] = [Text(title, style="bold"), table, phases, modules]
     parts += [Text(f"note: {n}", style="dim") for n in report.notes]
     return RichGroup(*parts)
-
-
-# --- memplan tune ---------------------------------------------------------------------------------
-
-
-def _gives(c: Any) -> str:
-    return "; ".join(g.text for g in c.gives_up) or "-"
-
-
-def _how(c: Any) -> str:
-    o = c.options
-    if o.engine.value == "torch":
-        return "torch DDP"
-    off = [f"{k}>{v.value}" for k, v in (("opt", o.offload_optimizer), ("param", o.offload_param))
-           if v.value != "none"]
-    return f"ZeRO-{int(o.zero)}" + (f" {' '.join(off)}" if off else "")
-
-
-def _trains(c: Any) -> str:
-    o = c.options
-    return f"LoRA r{o.lora.rank}" if o.lora else "full"
-
-
-def candidates_table(candidates: list[Any], top: int) -> Table:
-    """The ranked candidates: how each runs, its memory, its speed and what it gives up."""
-    table = Table(title=f"what fits, best first (top {min(top, len(candidates))} of {len(candidates)})",
-                  title_justify="left")
-    table.add_column("#", justify="right", no_wrap=True)
-    table.add_column("setup", ratio=3)
-    for col in ("batch", "ctx", "GPU GiB", "host GiB", "tok/s"):
-        table.add_column(col, justify="right", no_wrap=True)
-    table.add_column("gives up", ratio=2)
-    for i, c in enumerate(candidates[:top], 1):
-        o, w = c.options, c.workload
-        setup = Text(f"{_how(c)}\n{o.precision.value} {o.optimizer.value} ckpt {'on' if o.grad_ckpt else 'off'}"
-                     f" {_trains(c)}")
-        ctx = f"{w.seq_len}" + (f"/{w.max_slice_nums}sl" if w.images else "")
-        table.add_row(str(i), setup, f"{w.micro_batch}x{w.grad_accum}", ctx,
-                      f"{c.estimate.per_gpu.total_bytes / GIB:.2f}", f"{c.estimate.host.total_bytes / GIB:.2f}",
-                      f"{c.speed.tokens_per_s:,.0f}", Text(_gives(c)), style="bold" if i == 1 else None)
-    return table
-
-
-_TERMS = {
-    "compute": "forward and backward matmuls at the GPU's dense peak x the MFU constant",
-    "recompute": "the forward again under activation checkpointing",
-    "zero_comm": "gradient reduction and ZeRO-3 parameter gathers over the GPUs' link",
-    "offload": "offloaded states and parameters over PCIe (and NVMe)",
-    "cpu_optimizer": "DeepSpeed's CPU Adam on the host's cores",
-}
-
-
-def speed_table(speed: Any) -> Table:
-    """The chosen plan's time per optimizer step, term by term (docs/speed.md)."""
-    table = Table(title="time per optimizer step (docs/speed.md)", title_justify="left")
-    table.add_column("term")
-    table.add_column("seconds", justify="right")
-    table.add_column("what", style="dim")
-    for name, sec in speed.terms.items():
-        table.add_row(name, f"{sec:.3f}", _TERMS.get(name, ""))
-    table.add_row("total", f"{speed.total_s:.3f}",
-                  f"{speed.tokens_per_step:,} tokens -> {speed.tokens_per_s:,.0f} tokens/s", style="bold")
-    return table
-
-
-def _fix_line(fix: Any) -> Text:
-    c = fix.candidate
-    return Text(f"  {fix.change}: {c.name} fits with {gib(c.estimate.per_gpu.total_bytes)} per GPU, "
-                f"{gib(c.estimate.host.total_bytes)} host, {c.speed.tokens_per_s:,.0f} tokens/s"
-                + (f"; gives up {_gives(c)}" if c.gives_up else ""))
-
-
-def tune_view(result: Any, fixes: list[Any], files: list[Any], out: Any, seconds: float, notes: list[str],
-              title: str, top: int) -> RichGroup:
-    """The whole `memplan tune` screen."""
-    rejected = ", ".join(f"{n} by {b}" for b, n in sorted(summarize_rejections(result.rejections).items())) or "none"
-    parts: list[Any] = [Text(title, style="bold"),
-                        Text(f"searched {result.evaluated} estimates in {seconds:.2f} s; rejected: {rejected}; "
-                             f"global batch {result.global_batch}, margin {result.margin:.0%}", style="dim")]
-    chosen = result.chosen
-    if chosen is None:
-        fully = " that memplan models fully" if result.unknown else ""
-        parts.append(Text(f"NOTHING FITS in the search space{fully}.", style="bold red"))
-        near = sorted(result.rejections, key=lambda r: r.over_bytes)[:3]
-        for r in near:
-            parts.append(Text(f"  nearest: {r.name}: {r.budget} {gib(r.over_bytes)} over", style="red"))
-        if result.unknown:
-            parts.append(unknown_line(result.unknown))
-    else:
-        parts += [candidates_table(result.candidates, top), Text("")]
-        wl = chosen.workload
-        parts.append(Text(f"chosen: {chosen.name}  (micro-batch {wl.micro_batch} x accumulation {wl.grad_accum})",
-                          style="bold green"))
-        parts.append(estimate_view(chosen.estimate, "its estimate"))
-        parts.append(speed_table(chosen.speed))
-        if result.unknown:
-            parts.append(unknown_line(result.unknown))
-    if fixes:
-        head = "to get the request as asked:" if chosen is not None else "what would make it fit:"
-        parts.append(Text(head, style="bold"))
-        parts += [_fix_line(f) for f in fixes]
-    if files:
-        written = [f.name for f in files if f.text is not None]
-        parts.append(Text(f"wrote {out}/: {', '.join(written)}", style="bold"))
-        parts += [Text(f"  no {f.name}: {f.skipped}", style="dim") for f in files if f.text is None]
-    parts += [Text(f"note: {n}", style="dim") for n in notes]
-    return RichGroup(*parts)
-
-
-def unknown_line(unknown: list[Any]) -> Text:
-    """One line for the setups left UNKNOWN: how many, the first tried (the least relaxed), and what
-    their estimates leave out."""
-    least = unknown[0]
-    missing = "; ".join(dict.fromkeys(m for u in unknown for m in u.unmodeled))
-    return Text(f"UNKNOWN, not ranked: {len(unknown)} setups fit on their modelled part alone (e.g. {least.name}, "
-                f"whose modelled part takes {gib(least.gpu_bytes)} per GPU and {gib(least.host_bytes)} host), but "
-                f"their estimates leave out: {missing}", style="yellow")
-
-
-def unknown_json(u: Any) -> dict[str, Any]:
-    """One UNKNOWN setup in ``memplan tune --json``."""
-    return {"name": u.name, "fits": None, "verdict": Verdict.UNKNOWN.value, "unmodeled": list(u.unmodeled),
-            "per_gpu_bytes": u.gpu_bytes, "host_bytes": u.host_bytes}
-
-
-def candidate_json(c: Any) -> dict[str, Any]:
-    """One candidate in ``memplan tune --json``."""
-    return {
-        "name": c.name,
-        "settings": {"options": c.options.model_dump(mode="json"), "workload": c.workload.model_dump(mode="json")},
-        "per_gpu_bytes": c.estimate.per_gpu.total_bytes,
-        "host_bytes": c.estimate.host.total_bytes,
-        "nvme_bytes": c.estimate.nvme_bytes,
-        "tokens_per_s": c.speed.tokens_per_s,
-        "step_seconds": dict(c.speed.terms),
-        "gives_up": [g.model_dump() for g in c.gives_up],
-    }
-
-
-def tune_json(result: Any, fixes: list[Any], files: list[Any], out: Any, seconds: float,
-              notes: list[str]) -> dict[str, Any]:
-    """The ``memplan tune --json`` document (keys in docs/tune.md)."""
-    chosen = result.chosen
-    doc: dict[str, Any] = {
-        "candidates": [candidate_json(c) for c in result.candidates],
-        "chosen": None,
-        "unknown": [unknown_json(u) for u in result.unknown],
-        "fixes": [{"change": f.change, "candidate": candidate_json(f.candidate)} for f in fixes],
-        "evaluated": result.evaluated,
-        "rejected": summarize_rejections(result.rejections),
-        "global_batch": result.global_batch,
-        "margin": result.margin,
-        "seconds": seconds,
-        "notes": notes,
-    }
-    if chosen is not None:
-        doc["chosen"] = candidate_json(chosen) | {
-            "estimate": estimate_json(chosen.estimate),
-            "out": str(out),
-            "files": [f.name for f in files if f.text is not None],
-            "skipped": {f.name: f.skipped for f in files if f.text is None},
-        }
-    return doc

@@ -15,8 +15,9 @@ from rich.console import Group as RichGroup
 from rich.table import Table
 from rich.text import Text
 
+from planner.cli.render import band_json, estimate_json, estimate_view, gib, needs
 from planner.cli.render import console as _console
-from planner.cli.render import estimate_json, estimate_view, gib, needs
+from planner.estimate.result import Verdict
 
 MEMORY_SETTINGS = (
     "model_name_or_path", "program", "nnodes", "nproc_per_node", "world_size", "micro_batch", "grad_accum",
@@ -26,8 +27,8 @@ MEMORY_SETTINGS = (
     "offload_optimizer_pin_memory", "offload_param", "offload_param_pin_memory", "overlap_comm",
     "contiguous_gradients", "reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
     "stage3_max_live_parameters", "sub_group_size", "optimizer_type", "optim", "finetuning_type", "use_lora",
-    "lora_rank", "lora_target", "lora_modules_to_save", "tune_vision", "tune_llm", "freeze_vision_tower",
-    "freeze_multi_modal_projector", "freeze_language_model", "lf_stage",
+    "lora_rank", "lora_dropout", "lora_target", "lora_modules_to_save", "tune_vision", "tune_llm",
+    "freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model", "lf_stage",
 )
 """Settings that shape the estimate, in the order the table shows them; the rest are listed below it."""
 
@@ -99,12 +100,16 @@ def binding_line(est: Any) -> Text:
     """The binding budget, the phase where it peaks, and by how much it is over or under."""
     name = "per GPU" if est.binding == "gpu" else "host RAM per node"
     b = est.per_gpu if est.binding == "gpu" else est.host
+    high = b.band.high
     if b.over:
         state, style = f"{gib(-b.free_bytes)} over", "bold red"
     elif b.lower_bound:
         state, style = f"{gib(b.free_bytes)} left on the modelled part", "bold yellow"
+    elif high > b.capacity_bytes:
+        state, style = (f"{gib(b.free_bytes)} left at the expected figure, {gib(high - b.capacity_bytes)} over at "
+                        "the high end"), "bold yellow"
     else:
-        state, style = f"{gib(b.free_bytes)} left", "bold green"
+        state, style = f"{gib(b.capacity_bytes - high)} left at the high end", "bold green"
     return Text(f"binding budget: {name}, at its {b.peak_phase.value} peak: {needs(b)} of "
                 f"{gib(b.capacity_bytes)} ({state})", style=style)
 
@@ -154,7 +159,12 @@ def explain_view(model: Any, cluster: Any, merged: Any, setup: Any, diagnosis: A
         parts.append(Text(f"note: {_cut(n)}", style="dim"))
     parts += [Text(""), estimate_view(est, f"the estimate: {_describe(setup)}"), binding_line(est)]
     if est.fits:
-        parts.append(Text("it fits as written: no fix needed.", style="green"))
+        parts.append(Text("it fits as written, at the high end of its band: no fix needed.", style="green"))
+    elif est.verdict is Verdict.TIGHT:
+        parts.append(Text("TIGHT as written: it fits at the expected figure, not at the high end of its band "
+                          "(fragmentation, workspaces); the fixes below leave room.", style="yellow"))
+        if diagnosis.fixes:
+            parts.append(fixes_table(diagnosis.fixes))
     elif est.fits is None:
         what = "one part" if len(est.unmodeled) == 1 else f"{len(est.unmodeled)} parts"
         parts.append(Text(f"UNKNOWN as written: memplan does not model {what} of this step (not modelled, above); "
@@ -184,8 +194,11 @@ def fix_json(f: Any) -> dict[str, Any]:
         "edits": list(f.edits),
         "per_gpu_bytes": e.per_gpu.total_bytes,
         "host_bytes": e.host.total_bytes,
+        "per_gpu_band": band_json(e.per_gpu.band),
+        "host_band": band_json(e.host.band),
         "nvme_bytes": e.nvme_bytes,
         "fits": e.fits,
+        "verdict": e.verdict.value,
         "binding": e.binding,
         "margin": f.margin,
         "tokens_per_s": f.tokens_per_s,

@@ -38,7 +38,7 @@ Examples:
 @click.option("--freeze", multiple=True, callback=parse_names,
               help="Freeze these parts of the LLM (e.g. llm.embed_tokens).")
 @click.option("--micro-batch", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True)
 @click.option("--timeout", "timeout_s", type=FiniteFloat(min=1), default=1800, show_default=True,
               help="Seconds before the trace is stopped.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")

@@ -16,12 +16,15 @@ from planner.cli.common import (
     PassThroughCommand,
     UserError,
     json_text,
+    lora_dropout_note,
+    lora_dropout_option,
     make_cluster_noted,
     parse_image_size,
     parse_names,
     parse_out_dir,
     parse_size_arg,
     profiles_dir_option,
+    runtime_model,
     trust_remote_code_option,
     user_errors,
 )
@@ -54,6 +57,7 @@ Examples:
 @click.option("--must-train", multiple=True, callback=parse_names,
               help="Groups/parts trained fully in every candidate (no LoRA, no freezing).")
 @click.option("--lora-rank", type=click.IntRange(min=1), default=None, help="Request LoRA of this rank.")
+@lora_dropout_option
 @click.option("--precision", type=click.Choice([p.value for p in Precision]), default=None,
               help="Insist on this precision. [default: the search chooses]")
 @click.option("--seq-len", type=click.IntRange(min=2), default=1024, show_default=True,
@@ -90,7 +94,8 @@ Examples:
 @user_errors
 def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | None, target: str, engine: str | None,
          train: tuple[str, ...] | None, freeze: tuple[str, ...] | None, without: tuple[str, ...] | None,
-         must_train: tuple[str, ...] | None, lora_rank: int | None, precision: str | None, seq_len: int,
+         must_train: tuple[str, ...] | None, lora_rank: int | None, lora_dropout: float, precision: str | None,
+         seq_len: int,
          min_seq_len: int | None, images: int | None, image_size: tuple[int, int] | None,
          max_slice_nums: int | None, min_slices: int | None, audio_seconds: float, global_batch: int | None,
          margin: float, top: int, out_dir: Path, force: bool, data: str, model_path: str | None,
@@ -134,7 +139,8 @@ def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | 
         seq_len=seq_len, images=images, image_size=image_size, max_slice_nums=sel.max_slice_nums or 9,
         audio_seconds=audio_seconds, vision=vision_rule(spec, groups_out) if images else None,
         train=sel.train, freeze=sel.freeze, without=groups_out,
-        lora=LoraOptions(rank=lora_rank) if lora_rank else None, precision=precision, global_batch=global_batch,
+        lora=LoraOptions(rank=lora_rank, dropout=lora_dropout) if lora_rank else None, lora_dropout=lora_dropout,
+        precision=precision, global_batch=global_batch,
     )
     constraints = Constraints(must_train=must_train or (), min_seq_len=min_seq_len, min_slice_nums=min_slices,
                               margin=margin, nvme_bytes=nvme or 0, target=target)
@@ -145,26 +151,29 @@ def tune(model: str | None, gpus: str | None, host_ram: int | None, nvme: int | 
     from planner.cli.fitting import run_with_terms
 
     fit_notes: list[str] = []
-    result = run_with_terms(lambda: search(spec, cluster, request, constraints, space, top=top), fit_notes)
+    runtime = runtime_model(cluster)
+    result = run_with_terms(lambda: search(spec, cluster, request, constraints, space, top=top, runtime=runtime),
+                            fit_notes)
     notes += fit_notes
     seconds = time.perf_counter() - started  # the search alone: docs/tune.md's speed target
     notes += [n for n in result.notes if n not in notes]  # what the search substituted or skipped, and why
-    repair = fixes(spec, cluster, request, constraints, space, result)
+    repair = fixes(spec, cluster, request, constraints, space, result, runtime)
     chosen = result.chosen
     files = []
     if chosen is not None:
+        notes += [n for n in (lora_dropout_note(click.get_current_context(), chosen.options.lora),) if n]
         lr = learning_rate or (LORA_LEARNING_RATE if chosen.options.lora else FULL_LEARNING_RATE)
         trainer = TrainerSettings(data_path=data, output_dir=output_dir, learning_rate=lr, num_train_epochs=epochs)
         plan = make_plan(spec, model_path, cluster, chosen, result.global_batch, request, constraints, trainer,
                          tuple(notes), space=space)
         files = write_plan_folder(plan, out_dir, force=force)
-    from planner.cli import render
+    from planner.cli import render, render_tune
 
     if as_json:
-        click.echo(json_text(render.tune_json(result, repair, files, out_dir, seconds, notes)))
+        click.echo(json_text(render_tune.tune_json(result, repair, files, out_dir, seconds, notes)))
     else:
         title = f"{spec.name} on {cluster.label}, host RAM {render.gib(cluster.host_ram_bytes)} per node"
-        render.console().print(render.tune_view(result, repair, files, out_dir, seconds, notes, title, top))
+        render.console().print(render_tune.tune_view(result, repair, files, out_dir, seconds, notes, title, top))
     if chosen is None:
         raise SystemExit(1)
     if launch_run or dry_run:

@@ -9,8 +9,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from planner.estimate.coverage import unmodeled_parts
-from planner.estimate.result import ALWAYS, STEP, Estimate, Item, Place, Verdict, assemble
-from planner.estimate.runtime import ddp_bucket_items, gathered_param_items, loading_items, overhead_items
+from planner.estimate.result import ALWAYS, STEP, Band, Estimate, Item, Place, Spreads, Verdict, assemble
+from planner.estimate.runtime import (
+    RuntimeModel,
+    ddp_bucket_items,
+    gathered_param_items,
+    gpu_figures,
+    loading_items,
+    overhead_items,
+    pinned_rounding_items,
+    spreads,
+)
 from planner.estimate.states import ZeroSettings, model_state_items
 from planner.estimate.step import step_items
 from planner.profile.catalog import ModelSpec
@@ -19,7 +28,7 @@ from planner.workload.inventory import Origin, Workload, check_media, trainable_
 from planner.workload.options import Engine, TrainingOptions, ZeroStage
 from planner.workload.positions import check_positions
 
-__all__ = ["estimate", "Estimate", "Verdict"]
+__all__ = ["estimate", "Estimate", "RuntimeModel", "Verdict"]
 
 
 def estimate(
@@ -30,6 +39,7 @@ def estimate(
     zero: ZeroSettings | None = None,
     notes: Iterable[str] = (),
     activations: bool = True,
+    runtime: RuntimeModel | None = None,
 ) -> Estimate:
     """Estimate one training setup: per-GPU bytes for the most loaded rank, host bytes per node.
 
@@ -43,6 +53,9 @@ def estimate(
         activations: False leaves out what the step itself holds (activations, temporaries): the
             rest is a lower bound of the GPU peak (said in ``unmodeled``), and the host figure is
             unchanged. The search prunes with it before it runs the activation model.
+        runtime: the constants of the GPU process beyond its tensors (context, workspaces,
+            fragmentation); default: the sourced ones (`RuntimeModel()`), or what the CLI read
+            from the user's calibration profile.
 
     Returns:
         The estimate; what it does not model is in ``Estimate.unmodeled`` (then ``fits`` is
@@ -67,16 +80,18 @@ def estimate(
         items += step
     items += gathered_param_items(params, options, cluster.world_size, zero)
     items += ddp_bucket_items(params, options, cluster.world_size)
+    items += pinned_rounding_items(params, options, cluster.world_size, zero)
     zero3 = options.engine is Engine.DEEPSPEED and options.zero is ZeroStage.PARAMETERS
     zero_init = zero3 and options.zero_init
     if not zero_init:  # offloaded partitions appear after loading, at initialize()
         items = [Item(it.group, it.category, it.place, it.nbytes, STEP)
                  if it.place is Place.HOST and it.phases == ALWAYS else it for it in items]
     items += loading_items(params, options, zero_init=zero_init)
-    gpu = [it for it in items if it.place is Place.GPU]
-    phases = {ph for it in gpu for ph in it.phases}
-    tensor_peak = max((sum(it.nbytes for it in gpu if ph in it.phases) for ph in phases), default=0)
-    items += overhead_items(cluster.world_size, tensor_peak)
+    runtime = runtime or RuntimeModel()
+    peak = _tensor_peak(items)
+    figures = gpu_figures(peak, cluster.gpu, cluster.world_size, runtime)
+    items += overhead_items(figures, peak.expected)
+    gpu_spread, host_spread = spreads(figures)
     group_params: dict[str, tuple[int, int]] = {}
     for p in params:
         total, trained = group_params.get(p.group, (0, 0))
@@ -86,4 +101,15 @@ def estimate(
         )
     gaps = unmodeled_parts(model, params, options, workload, modeled)
     return assemble(items, group_params, cluster.gpus_per_node, cluster.gpu_memory_bytes, cluster.host_ram_bytes, notes,
-                    gaps)
+                    gaps, Spreads(gpu_spread, host_spread, figures, runtime.source))
+
+
+def _tensor_peak(items: list[Item]) -> Band:
+    """The GPU's tensors at their peak phase, bytes: exact, and (high end) with every
+    data-dependent item at its worst (`Item.worst_nbytes`)."""
+    gpu = [it for it in items if it.place is Place.GPU]
+    phases = {ph for it in gpu for ph in it.phases}
+    exact = max((sum(it.nbytes for it in gpu if ph in it.phases) for ph in phases), default=0)
+    worst = max((sum(max(it.nbytes, it.worst_nbytes or 0) for it in gpu if ph in it.phases) for ph in phases),
+                default=0)
+    return Band(exact, exact, worst)

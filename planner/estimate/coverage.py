@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence, Set
 
-from planner.estimate.generic import why_unmodeled
+from planner.estimate.generic import untraced_vlm_reason, vlm_step, why_unmodeled, why_vlm_unmodeled
 from planner.estimate.result import Place, Unmodeled
 from planner.profile.architectures import DECODER_TYPES
 from planner.profile.catalog import Group, ModelSpec
@@ -23,8 +23,7 @@ DROPOUT_KEYS = ("attention_dropout", "resid_pdrop", "embd_pdrop")
 Phi-3 adds ``resid_pdrop`` and ``embd_pdrop``). Above 0 each adds a mask and a copy per use; the
 decoder model assumes 0 (docs/activations.md, "What is not modeled")."""
 
-NVME_GAP = ("host buffers of NVMe offload: ZeRO-Infinity's pinned swap buffers (and, with the optimizer on NVMe, the "
-            "gradient partitions it keeps in host RAM) are not modelled")
+NVME_GAP = "host buffers of NVMe offload: ZeRO-Infinity's pinned swap buffers are not modelled"
 NO_STEP_MODEL = "activations and temporaries of every group: not estimated (a lower bound for the search)"
 
 
@@ -52,15 +51,22 @@ def _activation_gaps(model: ModelSpec, params: Sequence[Param], workload: Worklo
     ignores (a dropout above 0, partial rotary, LoRA inside an encoder)."""
     built = {p.group for p in params}
     lora = {p.group for p in params if p.origin == Origin.LORA}
+    vlm = vlm_step(model, workload)
+    whole = set(vlm.groups) if vlm is not None else set()
     out = []
     for group in model.groups:
         runs_on = step_input(group.kind, workload) if group.name in built else None
         if runs_on is None:
             continue
-        traced = group.kind == "decoder" and group.config.get("model_type") not in DECODER_TYPES
+        traced = group.name in whole or (group.kind == "decoder" and
+                                         group.config.get("model_type") not in DECODER_TYPES)
         if group.name not in modeled:
             on = "" if runs_on is StepInput.TEXT else f", on {runs_on}"
-            why = why_unmodeled(group, params, options) if traced else "no activation model"
+            if vlm is not None and group.name in whole:
+                why = why_vlm_unmodeled(vlm, params, options, workload, model.groups)
+            else:
+                why = why_unmodeled(group, params, options) if traced else (untraced_vlm_reason(group) or
+                                                                             "no activation model")
             out.append(Unmodeled(f"activations of {group.name} ({_what(group)}{on}): {why}"))
             continue
         if not traced:  # a traced step runs the real module: its dropout and rotary are in the trace
@@ -97,10 +103,9 @@ def _engine_gaps(options: TrainingOptions) -> list[Unmodeled]:
 
     NVMe offload (ZeRO-Infinity): DeepSpeed stages the swapped tensors through pinned host
     buffers (``offload_param.buffer_count`` x ``buffer_size``; the optimizer swapper's buffers of
-    the largest sub-group), and keeps the gradient partitions on the host, not on the NVMe drive
-    (deepspeed/runtime/zero/stage3.py ``self.device`` is "cpu" for any optimizer offload). The
-    ledger counts the buffers nowhere and those gradients on the drive (`states._zero3_items`);
-    NVMe was never measured (docs/zero-internals.md, "Not tried: NVMe offload")."""
+    the largest sub-group), which the ledger counts nowhere. (The gradient partitions it keeps on
+    the host for any optimizer offload are counted there: `states._zero3_items`.) NVMe was never
+    measured (docs/zero-internals.md, "Not tried: NVMe offload")."""
     nvme = Offload.NVME in (options.offload_optimizer, options.offload_param)
     if options.engine is not Engine.DEEPSPEED or not nvme:
         return []

@@ -9,8 +9,8 @@ creation order, as the autograd engine does. Peaks are taken after every op, by 
 more code than a closed formula, but the closed formulas (docs/activations.md) fall out of it, and
 it gets the *moment* of each peak right, which a sum of saved tensors does not: the backward
 peak is sometimes the loss backward, sometimes a decoder layer's backward, sometimes the last
-embedding gradient. Checkpointed layers follow ``Recompute.AT_REGION`` and the tied embedding's
-two gradients ``GradSum.AFTER_ALL_USES``.
+embedding gradient. Checkpointed layers follow torch's own rule, ``Recompute.AT_UNPACK`` (as the
+encoders do), and the tied embedding's two gradients ``GradSum.AFTER_ALL_USES``.
 
 Where the parts are: the layer's modules in ``planner.estimate.decoder_modules``, the config
 fields in ``planner.estimate.decoder_config``, the result and the closed forms for logits and
@@ -95,6 +95,7 @@ class _Decoder(DecoderModules):
         use_cache: bool,
         trainable: Mapping[str, bool],
         lora: Mapping[str, int],
+        lora_dropout: float,
         workspaces: bool,
         input_requires_grad: bool,
     ) -> None:
@@ -109,7 +110,8 @@ class _Decoder(DecoderModules):
         self.workspaces = workspaces
         self.input_requires_grad = input_requires_grad
         self.lora = lora
-        self.sim = Tape(autocast=autocast, weight_item=weight_item, recompute=Recompute.AT_REGION,
+        self.lora_dropout = lora_dropout
+        self.sim = Tape(autocast=autocast, weight_item=weight_item, recompute=Recompute.AT_UNPACK,
                         grad_sum=GradSum.AFTER_ALL_USES)
         self.params: dict[str, Tensor] = {}
         for t in decoder_tensors(cfg):
@@ -281,6 +283,7 @@ def decoder_step_memory(
     max_grad_norm: bool = True,
     workspaces: bool = True,
     input_requires_grad: bool | None = None,
+    lora_dropout: float = 0.0,
 ) -> StepMemory:
     """What one training step of a ``*ForCausalLM`` decoder holds beyond its model states.
 
@@ -311,18 +314,24 @@ def decoder_step_memory(
             them; tests comparing with it pass False.
         input_requires_grad: the embeddings' output requires grad
             (``enable_input_require_grads``), so frozen leading layers save for backward. None:
-            True for LoRA with gradient checkpointing (peft ``PeftModel`` and TRL call it then).
+            True with gradient checkpointing (transformers 5's ``gradient_checkpointing_enable``
+            calls it for every ``input_ids`` model; peft, TRL and LLaMA-Factory call it for LoRA).
+        lora_dropout: peft's ``lora_dropout`` (0 <= p < 1; the probability itself changes no
+            byte, only whether it is 0): above 0 each adapter keeps a dropped copy of its input
+            and a bool mask for backward (docs/activations.md, "Frozen parameters and LoRA").
     """
     if attn not in ATTENTIONS:
         raise ValueError(f"attn must be one of {', '.join(ATTENTIONS)}; got {attn!r}")
     if micro_batch < 1 or seq_len < 2:
         raise ValueError("micro_batch >= 1 and seq_len >= 2 are required")
+    if not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be in [0, 1); got {lora_dropout!r}")
     dims = DecoderDims.from_config(cfg)
     w_item, ac = _precision(precision, module_dtype_bytes, autocast)
     cache = cfg.get("use_cache", True) if use_cache is None else use_cache
     lora = _lora_ranks(params)
     if input_requires_grad is None:
-        input_requires_grad = bool(lora) and grad_ckpt
+        input_requires_grad = grad_ckpt
     dec = _Decoder(
         cfg,
         dims,
@@ -335,6 +344,7 @@ def decoder_step_memory(
         use_cache=bool(cache),
         trainable=_trainable_map(dims, params),
         lora=lora,
+        lora_dropout=lora_dropout,
         workspaces=workspaces,
         input_requires_grad=input_requires_grad,
     )

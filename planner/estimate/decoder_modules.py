@@ -35,27 +35,35 @@ class DecoderModules:
         out = sim.matmul(xc, wc, self.N * out_f, bc)
         sim.drop(xc, wc, bc)
         if stem in self.lora:
-            r = self.lora[stem]
-            a = self.params[stem + ".lora_A.weight"]
-            bb = self.params[stem + ".lora_B.weight"]
-            # peft lora.Linear.forward: x = self._cast_input_dtype(x, lora_A.weight.dtype), then
-            # lora_B(lora_A(dropout(x))) * scaling with dropout p=0 an Identity. Under amp a bf16
-            # input (o_proj's, down_proj's) goes to fp32 and back to bf16 for lora_A.
-            x_l = sim.cast(x, a.item)
-            xa = sim.ac(x_l)
-            sim.drop(x_l)
-            ac = sim.cast_weight(a)
-            mid = sim.matmul(xa, ac, self.N * r)
-            sim.drop(xa, ac)
-            bc = sim.cast_weight(bb)
-            low = sim.matmul(mid, bc, self.N * out_f)
-            sim.drop(mid, bc)
-            scaled = sim.mul(low, None)  # * scaling
-            sim.drop(low)
-            res = sim.add(out, scaled)
-            sim.drop(out, scaled)
-            out = res
+            out = self._lora(x, stem, out, out_f)
         return out
+
+    def _lora(self, x: Tensor, stem: str, base: Tensor, out_f: int) -> Tensor:
+        """A peft LoRA adapter on ``stem`` (``tuners/lora/layer.py`` ``Linear.forward``):
+        ``x = self._cast_input_dtype(x, lora_A.weight.dtype)`` (under amp a bf16 input, o_proj's or
+        down_proj's, goes to fp32, and autocast casts it back to bf16 for lora_A), then
+        ``result + lora_B(lora_A(dropout(x))) * scaling``. ``dropout`` is an ``nn.Identity`` for
+        ``lora_dropout`` 0 and an ``nn.Dropout`` above: a scaled copy of x that lora_A saves
+        instead of x, and a bool mask the dropout saves (``TapeOps.dropout``). The base matmul
+        ran on the undropped x before, so what it saves does not change. Returns the sum."""
+        sim = self.sim
+        r = self.lora[stem]
+        a = self.params[stem + ".lora_A.weight"]
+        bb = self.params[stem + ".lora_B.weight"]
+        x_l = sim.cast(x, a.item)
+        dropped = sim.dropout(x_l) if self.lora_dropout > 0 else sim.alias(x_l)
+        xa = sim.ac(dropped)
+        ac = sim.cast_weight(a)
+        mid = sim.matmul(xa, ac, self.N * r)
+        sim.drop(xa, ac, dropped)  # lora_A's argument dies when lora_A returns
+        bc = sim.cast_weight(bb)
+        low = sim.matmul(mid, bc, self.N * out_f)
+        sim.drop(mid, bc)
+        scaled = sim.mul(low, None)  # * scaling
+        sim.drop(low)
+        res = sim.add(base, scaled)
+        sim.drop(base, scaled, x_l)  # x_l stays bound (peft rebinds x) until forward returns
+        return res
 
     def rmsnorm(self, x: Tensor, name: str, rows: int) -> Tensor:
         """Llama-style RMSNorm (Qwen2/Qwen3/Llama/Mistral/Phi-3 ``*RMSNorm.forward``):
@@ -314,8 +322,9 @@ class DecoderModules:
 
     def layer(self, x: Tensor, i: int, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         """``*DecoderLayer.forward`` (pre-norm residual blocks). A checkpoint recomputation stops
-        after the last op that saves a tensor (torch.utils.checkpoint ``_checkpoint_early_stop``),
-        so its final residual add never allocates."""
+        once the last saved tensor is packed (torch.utils.checkpoint ``_checkpoint_early_stop``;
+        ``Recompute.AT_UNPACK``), so neither the final residual add nor, with LoRA on down_proj,
+        the adapter's output is allocated again."""
         sim = self.sim
         p = f"model.layers.{i}"
         h = self.rmsnorm(x, f"{p}.input_layernorm.weight", self.N)
@@ -326,7 +335,6 @@ class DecoderModules:
         h2 = self.rmsnorm(mid, f"{p}.post_attention_layernorm.weight", self.N)
         m = self.mlp(h2, i)
         sim.drop(h2)
-        sim.early_stop()
         out = sim.add(mid, m)
         sim.drop(mid, m, weights)
         return out

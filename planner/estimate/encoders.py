@@ -198,9 +198,8 @@ def resampler_memory(cfg: Mapping[str, Any], *, crops: int, patches: int, traine
     out = _mha(s, qr, key, xk, in_w, in_b, out_w, out_b, c, q_len, patches, d, heads)
     s.drop(qr, key, xk)  # x = out.permute(1, 0, 2) releases ln_kv's output
     post = s.layer_norm(out, *lns["post"], c * q_len)
-    s.drop(out)
     res = s.linear(post, proj, None, d)  # x @ self.proj
-    s.drop(post, q, pos, padding)
+    s.drop(post, q, pos, padding, out)  # `out = self.attn(...)[0]` is referenced until the return
     return finish_call(s, [res], trained or input_requires_grad)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from planner.estimate.ledger import FP32, INT64, Tensor
+from planner.estimate.ledger import BOOL, FP32, INT64, Tensor
 
 # --------------------------------------------------------------------------------------------
 # Constants (each with where it comes from)
@@ -174,6 +174,18 @@ class TapeOps:
         (``silu_backward`` / ``gelu_backward``)."""
         out = self.new(x.numel, x.item, x.rg)
         self.node([out], [x], [x], lambda s, g, x=x: [s.grad(x)])
+        return out
+
+    def dropout(self, x: Tensor) -> Tensor:
+        """``nn.Dropout`` in training with 0 < p < 1 on a CUDA tensor: ``native_dropout``
+        (aten/src/ATen/native/Dropout.cpp ``is_fused_kernel_acceptable``) returns the scaled copy
+        (x's dtype; no autocast list names it) and a bool mask of x's shape, and saves only the
+        mask (derivatives.yaml ``native_dropout``: ``result1``); backward,
+        ``native_dropout_backward(grad, mask, scale)``, allocates one gradient of x's shape."""
+        out = self.new(x.numel, x.item, x.rg)
+        mask = self.new(x.numel, BOOL)
+        self.node([out], [x], [mask], lambda s, g, x=x: [s.grad(x)])
+        self.drop(mask)
         return out
 
     def clone(self, x: Tensor) -> Tensor:

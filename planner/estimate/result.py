@@ -12,6 +12,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from planner.estimate.band import Band as Band  # re-exported: estimates carry these types
+from planner.estimate.band import GpuFigures as GpuFigures
+from planner.estimate.band import Verdict as Verdict
+
 
 class Category(StrEnum):
     """What a byte is for. Order is the order of the table's columns."""
@@ -58,15 +62,6 @@ RUNTIME_ROW = "(runtime)"
 """Pseudo-group for overhead that is not tensors."""
 
 
-class Verdict(StrEnum):
-    """What an estimate says about fitting. ``UNKNOWN``: nothing is over on the modelled part,
-    but the ledger leaves something out (`Estimate.unmodeled`), so the total is a lower bound."""
-
-    FITS = "FITS"
-    DOES_NOT_FIT = "DOES NOT FIT"
-    UNKNOWN = "UNKNOWN"
-
-
 @dataclass(frozen=True, slots=True)
 class Unmodeled:
     """Bytes that a step holds and the ledger does not count.
@@ -90,6 +85,9 @@ class Item:
     place: Place
     nbytes: int
     phases: frozenset[Phase] = ALWAYS
+    worst_nbytes: int | None = None
+    """Where the size depends on the data (e.g. tokens routed to one expert): the most it can
+    take, bytes; it counts in the high end of the band. None: ``nbytes`` is exact."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +102,8 @@ class Budget:
         phase_categories: bytes per category at every phase.
         lower_bound: some bytes of this budget are not modelled (`Estimate.unmodeled`): every
             figure is the modelled part, a lower bound of the real one.
+        spread: how far the band reaches below and above the total, bytes: (expected - low,
+            high - expected). (0, 0): the total is exact.
     """
 
     capacity_bytes: int
@@ -112,11 +112,18 @@ class Budget:
     phase_totals: dict[Phase, int] = field(default_factory=dict)
     phase_categories: dict[Phase, dict[Category, int]] = field(default_factory=dict)
     lower_bound: bool = False
+    spread: tuple[int, int] = (0, 0)
 
     @property
     def total_bytes(self) -> int:
-        """Sum over categories at the peak, bytes."""
+        """Sum over categories at the peak, bytes: the band's expected figure."""
         return sum(self.by_category.values())
+
+    @property
+    def band(self) -> Band:
+        """Low, expected and high of the total at the peak, bytes."""
+        total = self.total_bytes
+        return Band(total - self.spread[0], total, total + self.spread[1])
 
     @property
     def overhead_bytes(self) -> int:
@@ -135,15 +142,25 @@ class Budget:
 
     @property
     def over(self) -> bool:
-        """Whether the total is beyond capacity (certain even for a lower bound)."""
+        """Whether the expected total is beyond capacity (for a lower bound: already on the
+        modelled part)."""
         return self.total_bytes > self.capacity_bytes
 
     @property
-    def fits(self) -> bool | None:
-        """True within capacity, False over it, None when a lower bound is within it (unknown)."""
+    def verdict(self) -> Verdict:
+        """DOES NOT FIT when over at the expected figure; UNKNOWN when a lower bound is not; else
+        FITS or TIGHT from the band's high end."""
         if self.over:
-            return False
-        return None if self.lower_bound else True
+            return Verdict.DOES_NOT_FIT
+        if self.lower_bound:
+            return Verdict.UNKNOWN
+        return self.band.verdict(self.capacity_bytes)
+
+    @property
+    def fits(self) -> bool | None:
+        """True when the high end fits, False over at the expected figure, None otherwise (TIGHT,
+        or UNKNOWN for a lower bound)."""
+        return {Verdict.FITS: True, Verdict.DOES_NOT_FIT: False}.get(self.verdict)
 
 
 @dataclass(frozen=True)
@@ -170,6 +187,10 @@ class Estimate:
         notes: facts the user should read with the numbers (assumptions, resolved defaults).
         unmodeled: what the step holds that the ledger does not count, one phrase each; where
             there is any, the budgets it would be in are lower bounds (`Budget.lower_bound`).
+        gpu_figures: the most loaded GPU's allocated, reserved and nvidia-smi figures, each a
+            band; ``device`` is ``per_gpu.band``.
+        runtime: where the runtime constants come from (the sourced defaults, or a calibration
+            profile: "memplan calibrate on rtx3090, 2026-12-05").
     """
 
     per_gpu: Budget
@@ -179,19 +200,28 @@ class Estimate:
     binding: str
     notes: tuple[str, ...] = field(default=())
     unmodeled: tuple[str, ...] = field(default=())
-
-    @property
-    def fits(self) -> bool | None:
-        """True when everything is modelled and both budgets hold; False when a budget is over on
-        its modelled part alone (a lower bound over is certain); None otherwise (unknown)."""
-        if self.per_gpu.over or self.host.over:
-            return False
-        return None if self.unmodeled else True
+    gpu_figures: GpuFigures | None = None
+    runtime: str = ""
 
     @property
     def verdict(self) -> Verdict:
-        """`fits` in words: FITS, DOES NOT FIT or UNKNOWN."""
-        return {True: Verdict.FITS, False: Verdict.DOES_NOT_FIT, None: Verdict.UNKNOWN}[self.fits]
+        """DOES NOT FIT when a budget's expected figure is over (on the modelled part alone where
+        something is not modelled); else UNKNOWN when something is not modelled; else TIGHT when
+        a budget's high end is over; else FITS."""
+        budgets = (self.per_gpu, self.host)
+        if any(b.over for b in budgets):
+            return Verdict.DOES_NOT_FIT
+        if self.unmodeled:
+            return Verdict.UNKNOWN
+        if any(b.band.verdict(b.capacity_bytes) is Verdict.TIGHT for b in budgets):
+            return Verdict.TIGHT
+        return Verdict.FITS
+
+    @property
+    def fits(self) -> bool | None:
+        """True: FITS (every budget's high end holds); False: DOES NOT FIT; None: TIGHT or
+        UNKNOWN (read `verdict`)."""
+        return {Verdict.FITS: True, Verdict.DOES_NOT_FIT: False}.get(self.verdict)
 
 
 def _zero() -> dict[Category, int]:
@@ -222,6 +252,7 @@ def assemble(
     host_capacity: int,
     notes: Iterable[str] = (),
     unmodeled: Iterable[Unmodeled] = (),
+    spreads: Spreads | None = None,
 ) -> Estimate:
     """Sum one rank's items into the per-GPU budget, a node's host budget and the group rows,
     each at its own peak phase. Host bytes are per rank in ``items`` and multiplied by the ranks
@@ -235,6 +266,8 @@ def assemble(
         host_capacity: host RAM per node, bytes.
         notes: notes to carry.
         unmodeled: what the items leave out; the budgets of its places become lower bounds.
+        spreads: the bands around the totals and the GPU's three figures (`Spreads`); None:
+            every total is exact.
     """
     items = list(items)
     unmodeled = list(unmodeled)
@@ -258,9 +291,29 @@ def assemble(
         GroupRow(n, *group_params.get(n, (0, 0)), dict(gpu_rows.get(n) or _zero()), dict(host_rows.get(n) or _zero()))
         for n in names
     )
+    spreads = spreads or Spreads()
     per_gpu = Budget(gpu_capacity, {c: sum(r.gpu[c] for r in rows) for c in Category}, gpu_peak, gpu_totals,
-                     _by_phase(gpu_items, 1), Place.GPU in gaps)
+                     _by_phase(gpu_items, 1), Place.GPU in gaps, spreads.gpu)
     host = Budget(host_capacity, {c: sum(r.host[c] for r in rows) for c in Category}, host_peak, host_totals,
-                  _by_phase(host_items, gpus_per_node), Place.HOST in gaps)
+                  _by_phase(host_items, gpus_per_node), Place.HOST in gaps,
+                  (spreads.host[0] * gpus_per_node, spreads.host[1] * gpus_per_node))
     binding = "gpu" if per_gpu.free_bytes / per_gpu.capacity_bytes <= host.free_bytes / host.capacity_bytes else "host"
-    return Estimate(per_gpu, host, nvme, rows, binding, tuple(notes), tuple(dict.fromkeys(u.text for u in unmodeled)))
+    return Estimate(per_gpu, host, nvme, rows, binding, tuple(notes), tuple(dict.fromkeys(u.text for u in unmodeled)),
+                    spreads.figures, spreads.runtime)
+
+
+@dataclass(frozen=True)
+class Spreads:
+    """What the runtime model adds to the ledger's totals for `assemble`.
+
+    Attributes:
+        gpu: (expected - low, high - expected) of the GPU total, bytes.
+        host: the same for one rank's host bytes (times the ranks on a node in the budget).
+        figures: the GPU's allocated, reserved and nvidia-smi bands.
+        runtime: where the runtime constants come from, named in the output.
+    """
+
+    gpu: tuple[int, int] = (0, 0)
+    host: tuple[int, int] = (0, 0)
+    figures: GpuFigures | None = None
+    runtime: str = ""

@@ -29,6 +29,7 @@ DS_PERSISTENCE_THRESHOLD = 100_000
 DS_SUB_GROUP_SIZE = 1_000_000_000
 DS_PREFETCH_BUCKET_SIZE = 50_000_000
 DS_MAX_LIVE_PARAMETERS = 1_000_000_000
+DS_MAX_REUSE_DISTANCE = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class ZeroSettings:
         sub_group_size: ZeRO-3 steps its partitions in sub-groups of this many elements.
         prefetch_bucket_size: ZeRO-3 gathers this many elements ahead (HF "auto": 0.9 hidden^2).
         max_live_parameters: ZeRO-3's cap on gathered elements.
+        max_reuse_distance: ZeRO-3 keeps a gathered parameter when its next use is nearer than
+            this many elements (``stage3_max_reuse_distance``).
     """
 
     reduce_bucket_size: int = DS_REDUCE_BUCKET_SIZE
@@ -53,6 +56,7 @@ class ZeroSettings:
     sub_group_size: int = DS_SUB_GROUP_SIZE
     prefetch_bucket_size: int = DS_PREFETCH_BUCKET_SIZE
     max_live_parameters: int = DS_MAX_LIVE_PARAMETERS
+    max_reuse_distance: int = DS_MAX_REUSE_DISTANCE
 
     @classmethod
     def hf_auto(cls, hidden_size: int | None) -> ZeroSettings:
@@ -351,10 +355,16 @@ def _zero3_items(params: Sequence[Param], options: TrainingOptions, world_size: 
     # (self.device, a str, L333), which is never equal: measured for pure bf16 and fp32.
     items += _items(Category.MASTER_WEIGHTS, opt_place, {g: e * sd.itemsize for g, e in share.items()})
     items += _items(Category.OPTIMIZER_STATES, opt_place, _spread(optimizer_state_bytes((total,), impl, sd), share))
-    # grad_partitions_flat_buffer in the gradient-accumulation dtype (= model dtype), on the
-    # optimizer's device; offloaded, the master partition's .grad adds sd bytes (L761-L803, L1337).
-    grad_bytes = wd.itemsize + (sd.itemsize if offload_opt else 0)
-    items += _items(Category.GRADIENTS, opt_place, {g: e * grad_bytes for g, e in share.items()}, STEP)
+    # grad_partitions_flat_buffer in the gradient-accumulation dtype (= model dtype) on
+    # self.device: the GPU, or the host for ANY optimizer offload, NVMe included (L333: "cpu"
+    # whenever self.offload_optimizer, which L823-L826 set for device nvme too; L791-L795).
+    grad_place = Place.HOST if offload_opt else Place.GPU
+    items += _items(Category.GRADIENTS, grad_place, {g: e * wd.itemsize for g, e in share.items()}, STEP)
+    if offload_opt:
+        # The master partition's .grad (sd bytes): a pinned host buffer per sub-group (L1337-L1341);
+        # with the optimizer on NVMe, swapped out to the drive with the optimizer states
+        # (L1448-L1464) and dropped after each step (L2780-L2781).
+        items += _items(Category.GRADIENTS, opt_place, {g: e * sd.itemsize for g, e in share.items()}, STEP)
     if zero.contiguous_gradients:  # the IPG buffer, persistent, on the GPU (L779-L784)
         items += _items(Category.BUFFERS, Place.GPU, {ENGINE_ROW: zero.reduce_bucket_size * wd.itemsize})
     if not offload_opt:

@@ -11,16 +11,18 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from planner.estimate.audio_projection import audio_projection_memory
 from planner.estimate.decoder import decoder_step_memory
 from planner.estimate.encoder_call import EncoderMemory
 from planner.estimate.encoders import resampler_memory, vision_tower_memory
-from planner.estimate.generic import fit_spec, flash_workspace_bytes, lookup
+from planner.estimate.generic import fit_spec, flash_workspace_bytes, lookup, vlm_memory, vlm_step
 from planner.estimate.result import FROM_BACKWARD, Category, Item, Phase, Place
 from planner.estimate.states import working_dtype
 from planner.estimate.whisper import whisper_encoder_memory
 from planner.profile.architectures import DECODER_TYPES
 from planner.profile.catalog import ModelSpec
-from planner.workload.inventory import Param, Workload
+from planner.workload.inventory import MINICPM_AUDIO_KINDS, MINICPM_VISION_KINDS, Param, StepInput, Workload, step_input
+from planner.workload.media import MEL_FRAMES_PER_S, PATCH_SIZE, WHISPER_MAX_S, audio_layout
 from planner.workload.options import Engine, OptimizerImpl, Precision, TrainingOptions
 
 _DS_PRECISION = {2: Precision.PURE_BF16.value, 4: Precision.FP32.value}
@@ -46,19 +48,27 @@ def step_items(model: ModelSpec, params: Sequence[Param], options: TrainingOptio
     modeled: set[str] = set()
     built = {p.group for p in params}
     encoders: list[tuple[str, EncoderMemory]] = []
-    vision = {g.name for g in model.groups if g.kind == "siglip_vision"}
+    kinds = {g.name: g.kind for g in model.groups}
     llm_forward = llm_backward = 0
     for group in model.groups:
         if group.name not in built:
             continue
         if group.kind != "decoder":
-            enc = _encoder_memory(group, params, options, workload, vision)
+            enc = _encoder_memory(group, params, options, workload, kinds)
             if enc is not None:
                 encoders.append((group.name, enc))
             continue
         mine = [p for p in params if p.group == group.name]
         deepspeed = options.engine is Engine.DEEPSPEED
-        if group.config.get("model_type") not in DECODER_TYPES:
+        vlm = vlm_step(model, workload)
+        if vlm is not None:
+            # A vision-language model's step traced whole (generic.vlm_memory): the LLM, the tower and
+            # the projector in one figure, on the LLM's row; without terms all three stay unmodelled.
+            mem = vlm_memory(vlm, params, options, workload, model.groups)
+            if mem is None:
+                continue
+            modeled.update(vlm.groups)
+        elif group.config.get("model_type") not in DECODER_TYPES:
             mem = _traced_memory(group, params, options, workload)
             if mem is None:
                 continue  # no terms for this setup: coverage names the group, the verdict is UNKNOWN
@@ -79,6 +89,7 @@ def step_items(model: ModelSpec, params: Sequence[Param], options: TrainingOptio
                 optimizer_impl=OptimizerImpl.DS_FUSED_ADAM if deepspeed else options.optimizer_impl,
                 module_dtype_bytes=working_dtype(options).itemsize if deepspeed else None,
                 autocast=False if deepspeed else None,
+                lora_dropout=options.lora.dropout if options.lora else 0.0,
             )
         g = group.name
         modeled.add(g)
@@ -147,36 +158,80 @@ def _module_dtype(options: TrainingOptions) -> tuple[int, bool]:
     return working_dtype(options).itemsize, amp
 
 
-def _encoder_memory(group, params: Sequence[Param], options: TrainingOptions, workload: Workload,
-                    vision_groups: set[str]) -> EncoderMemory | None:
-    """The vision tower, resampler or audio encoder of a MiniCPM-style model; None for others."""
-    trained = any(p.trainable for p in params if p.group == group.name)
+DUMMY_IMAGE_SIDE = 224
+"""MiniCPM's training forward runs ``torch.zeros((1, 3, 224, 224))`` through ``vpm`` (no patch
+mask, so no attention mask) and ``resampler`` (``tgt_sizes`` [[16, 16]]) when no sample of the
+micro-batch has an image, once whatever the micro-batch, and adds ``mean() * 0`` of the output to
+each sample's embeddings (modeling_minicpmo.py / modeling_minicpmv.py ``get_vllm_embedding``,
+``self.training`` branch)."""
+
+DUMMY_MEL_FRAMES = 100
+"""... and ``torch.zeros((1, 80, 100))`` (1 s of mel frames: 50 Whisper positions) through
+``apm`` (no attention mask), ``audio_projection_layer`` and the pooling when no sample has audio
+(``get_audio_embedding``, ``self.training and dummy`` branch; ``get_omni_embedding`` adds its
+``mean() * 0``)."""
+
+
+def _encoder_memory(group, params: Sequence[Param], options: TrainingOptions, workload: Workload,  # noqa: ANN001
+                    kinds: Mapping[str, str]) -> EncoderMemory | None:
+    """The vision tower, resampler, audio encoder or audio projection of a MiniCPM-style model, on
+    the sample's media or on MiniCPM's training dummy (`inventory.step_input`); None for others.
+
+    Args:
+        group: the encoder's group.
+        params: the run's parameter inventory (what is trained).
+        options: how the step runs (precision, engine, checkpointing).
+        workload: what the step processes.
+        kinds: every group's kind by name (which groups feed a resampler or a projection).
+    """
+    runs_on = step_input(group.kind, workload)
     item, autocast = _module_dtype(options)
-    layout = workload.image_layout()
-    if group.kind in ("siglip_vision", "resampler"):
-        if layout is None:
-            return None
-        crops = workload.micro_batch * workload.images * len(layout.crops)
-        patches = layout.max_crop_patches
+    common = dict(trained=any(p.trainable for p in params if p.group == group.name), module_dtype_bytes=item,
+                  autocast=autocast)
+    if group.kind in MINICPM_VISION_KINDS:
+        crops, patches, masked = _vision_call(workload, runs_on)
         if group.kind == "siglip_vision":
-            sizes = {(w // 14) * (h // 14) for w, h in layout.crops}
             # MiniCPM's fine-tuning runs the tower's attention eager and checkpoints its layers
             # with the LLM's (finetune.py); crops of different lengths are padded and masked.
-            return _memo(vision_tower_memory, group.config, crops=crops, patches=patches, attn="eager", trained=trained,
-                                       grad_ckpt=options.grad_ckpt, module_dtype_bytes=item, autocast=autocast,
-                                       masked=len(sizes) > 1 or workload.micro_batch * workload.images > 1)
-        vision_trained = any(p.trainable for p in params if p.group in vision_groups)
-        return _memo(resampler_memory, group.config, crops=crops, patches=patches, trained=trained,
-                     module_dtype_bytes=item, autocast=autocast, input_requires_grad=vision_trained)
-    if group.kind == "whisper_encoder":
-        audio = workload.audio()
-        if audio is None:
-            return None
-        positions = min(audio.encoder_positions, 1500)
-        return _memo(whisper_encoder_memory, group.config, pieces=workload.micro_batch * audio.pieces,
-                     positions=positions, attn="eager", trained=trained, grad_ckpt=options.grad_ckpt,
-                     module_dtype_bytes=item, autocast=autocast, minicpm_o=True)
+            return _memo(vision_tower_memory, group.config, crops=crops, patches=patches, attn="eager",
+                         grad_ckpt=options.grad_ckpt, masked=masked, **common)
+        return _memo(resampler_memory, group.config, crops=crops, patches=patches,
+                     input_requires_grad=_fed_by_trained(params, kinds, "siglip_vision"), **common)
+    if group.kind in MINICPM_AUDIO_KINDS:
+        pieces, positions = _audio_call(workload, runs_on)
+        if group.kind == "whisper_encoder":
+            return _memo(whisper_encoder_memory, group.config, pieces=pieces, positions=positions, attn="eager",
+                         grad_ckpt=options.grad_ckpt, minicpm_o=True, masked=runs_on is StepInput.AUDIO, **common)
+        return _memo(audio_projection_memory, group.config, pieces=pieces, positions=positions,
+                     input_requires_grad=_fed_by_trained(params, kinds, "whisper_encoder"), **common)
     return None
+
+
+def _vision_call(workload: Workload, runs_on: StepInput | None) -> tuple[int, int, bool]:
+    """(crops, patches per crop, padded and masked) of the micro-batch's vision call: every crop
+    of every image, or the one 224 x 224 dummy crop ((224 / 14)^2 = 256 patches)."""
+    if runs_on is StepInput.DUMMY_IMAGE:
+        return 1, (DUMMY_IMAGE_SIDE // PATCH_SIZE) ** 2, False
+    layout = workload.image_layout()
+    crops = workload.micro_batch * workload.images * len(layout.crops)
+    sizes = {(w // PATCH_SIZE) * (h // PATCH_SIZE) for w, h in layout.crops}
+    return crops, layout.max_crop_patches, len(sizes) > 1 or workload.micro_batch * workload.images > 1
+
+
+def _audio_call(workload: Workload, runs_on: StepInput | None) -> tuple[int, int]:
+    """(pieces, Whisper positions per piece) of the micro-batch's audio call: every sample's
+    30-second pieces, or the one 100-frame dummy."""
+    if runs_on is StepInput.DUMMY_AUDIO:
+        return 1, audio_layout(DUMMY_MEL_FRAMES / MEL_FRAMES_PER_S).encoder_positions
+    audio = workload.audio()
+    full = audio_layout(WHISPER_MAX_S).encoder_positions  # 1500: longer audio is cut into pieces
+    return workload.micro_batch * audio.pieces, min(audio.encoder_positions, full)
+
+
+def _fed_by_trained(params: Sequence[Param], kinds: Mapping[str, str], feeder_kind: str) -> bool:
+    """Whether a group of ``feeder_kind`` (the encoder before a resampler or projection) trains,
+    so the consumer's input needs a gradient."""
+    return any(p.trainable for p in params if kinds.get(p.group) == feeder_kind)
 
 
 _MEMO: dict[tuple, Any] = {}

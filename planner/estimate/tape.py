@@ -58,18 +58,17 @@ class Region:
 
 
 class Recompute(Enum):
-    """When a checkpoint region is replayed and where the replay stops. The decoder and the
-    encoders were each matched to their traces with one of these; they differ in a region's last
-    few ops and in a region that saved nothing (docs/activations.md, "Checkpointing")."""
+    """When a checkpoint region is replayed and where the replay stops. They differ in a region's
+    last few ops and in a region that saved nothing (docs/activations.md, "Checkpointing")."""
 
     AT_UNPACK = "unpack"
     """torch.utils.checkpoint as it runs: replay when backward first unpacks a saved tensor, stop
     once the last one is packed (``_checkpoint_early_stop``); a region that saved nothing holds
-    nothing and is never replayed (the encoders)."""
+    nothing and is never replayed (the decoder and the encoders, each matched to its traces)."""
     AT_REGION = "region"
     """Replay when backward reaches the region, even one that saved nothing (its inputs are held
-    until then), and stop where the replayed code calls ``Tape.early_stop`` (decoder layers: before
-    the last residual add)."""
+    until then), and stop where the replayed code calls ``Tape.early_stop``. The decoder's rule
+    until its LoRA traces showed torch's (a LoRA adapter on down_proj); no simulator uses it now."""
 
 
 class GradSum(Enum):

@@ -68,7 +68,7 @@ def _whisper_layer(s: Tape, x: Tensor, p: dict[str, Tensor], dims: tuple[int, ..
 
 def whisper_encoder_memory(cfg: Mapping[str, Any], *, pieces: int, positions: int, attn: str, trained: bool,
                            grad_ckpt: bool, module_dtype_bytes: int, autocast: bool,
-                           minicpm_o: bool = False) -> EncoderMemory:
+                           minicpm_o: bool = False, masked: bool = True) -> EncoderMemory:
     """Whisper encoder (``apm``) over ``pieces`` audio pieces of ``positions`` encoder positions
     each (1500 for 30 s; the mel input has twice as many frames).
 
@@ -81,14 +81,20 @@ def whisper_encoder_memory(cfg: Mapping[str, Any], *, pieces: int, positions: in
             in the weights' dtype (with its bool [P, 1, L, L] and [L, L] helpers alive
             alongside), the position table sliced instead of looked up, and
             ``output_hidden_states=True`` (every layer's input referenced until the encoder
-            returns). Eager only (with a mask, sdpa would take the memory-efficient kernel,
+            returns). Eager only with the mask (sdpa would then take the memory-efficient kernel,
             which is not modelled).
+        masked: with ``minicpm_o``, the real audio's padding + chunk mask (``get_audio_embedding``
+            with audio). False: the training dummy for a sample without audio,
+            ``self.apm(dummy_wavs, output_hidden_states=True)`` on a [1, 80, 100] mel input, which
+            builds no mask (modeling_minicpmo.py ``get_audio_embedding``, ``self.training and
+            dummy`` branch).
 
     Returns:
         Bytes per GPU for one micro-batch's audio encoder.
     """
     check_call(attn, module_dtype_bytes, autocast, pieces=pieces, positions=positions)
-    if minicpm_o and attn != "eager":
+    masked = minicpm_o and masked
+    if masked and attn != "eager":
         raise ValueError("the MiniCPM-o audio path (an attention mask) is modelled for eager attention only")
     d, inter = cfg_value(cfg, "d_model"), cfg_value(cfg, "encoder_ffn_dim")
     layers, heads = cfg_value(cfg, "encoder_layers"), cfg_value(cfg, "encoder_attention_heads")
@@ -102,7 +108,7 @@ def whisper_encoder_memory(cfg: Mapping[str, Any], *, pieces: int, positions: in
     n, square = pieces * positions, pieces * positions * positions
     held: list[Tensor] = []
     mask = None
-    if minicpm_o:  # built by the caller before the encoder runs
+    if masked:  # built by the caller before the encoder runs
         mask = s.new(square, module_dtype_bytes)  # padding_mask.view().expand().to(conv1.weight.dtype)
         chunk = s.new(positions * positions, BOOL)  # subsequent_chunk_mask
         not_chunk = s.new(positions * positions, BOOL)

@@ -15,7 +15,7 @@ import json
 import shlex
 from dataclasses import dataclass, field, replace
 
-from planner.estimate import Estimate, estimate
+from planner.estimate import Estimate, RuntimeModel, Verdict, estimate
 from planner.explain.from_files import FileSetup
 from planner.explain.traps import Trap, find_traps
 from planner.plan import group_plans
@@ -49,9 +49,9 @@ class Remedy:
 
     @property
     def margin(self) -> float:
-        """Free share of the binding budget after the change."""
+        """Free share of the binding budget after the change, at the high end of its band."""
         b = self.estimate.per_gpu if self.estimate.binding == "gpu" else self.estimate.host
-        return b.free_bytes / b.capacity_bytes
+        return (b.capacity_bytes - b.band.high) / b.capacity_bytes
 
     @property
     def rank_key(self) -> tuple:
@@ -154,7 +154,7 @@ def _remedy(model: ModelSpec, setup: FileSetup, cluster: Cluster, cand, new_clus
 
 
 def find_fixes(model: ModelSpec, cluster: Cluster, setup: FileSetup, est: Estimate, top: int = 5,
-               margin: float = DEFAULT_MARGIN) -> tuple[list[Remedy], int]:
+               margin: float = DEFAULT_MARGIN, runtime: RuntimeModel | None = None) -> tuple[list[Remedy], int]:
     """The cheapest changes with which the setup fits, each estimated; and how many estimates it took.
 
     Sources: the search over the user's cluster with the setup as the request (same trainer, same
@@ -166,16 +166,16 @@ def find_fixes(model: ModelSpec, cluster: Cluster, setup: FileSetup, est: Estima
     request = _request(setup, cluster)
     constraints = Constraints(margin=margin, target=_target(setup, model))
     space = _space(setup.options)
-    result = search(model, cluster, request, constraints, space, top=top)
+    result = search(model, cluster, request, constraints, space, top=top, runtime=runtime)
     evaluated = result.evaluated
     out = [_remedy(model, setup, cluster, c, cluster) for c in result.candidates]
     gpu_cap = cluster.gpu_memory_bytes * (1 - margin)
     # the setup as written with more host RAM: a fix only where all of it is modelled
-    host_bound = est.host.total_bytes > cluster.host_ram_bytes * (1 - margin)
-    if not est.unmodeled and est.per_gpu.total_bytes <= gpu_cap and host_bound:
+    host_bound = est.host.band.high > cluster.host_ram_bytes * (1 - margin)
+    if not est.unmodeled and est.per_gpu.band.high <= gpu_cap and host_bound:
         for bigger in more_host_ram(cluster):
-            if bigger.host_ram_bytes * (1 - margin) >= est.host.total_bytes:
-                again = estimate(model, bigger, setup.options, setup.workload, setup.zero)
+            if bigger.host_ram_bytes * (1 - margin) >= est.host.band.high:
+                again = estimate(model, bigger, setup.options, setup.workload, setup.zero, runtime=runtime)
                 params = trainable_inventory(model, setup.options)
                 speed = step_time(model, params, bigger, setup.options, setup.workload, setup.zero)
                 changes = describe_changes(model, (setup.options, setup.workload, cluster),
@@ -188,7 +188,7 @@ def find_fixes(model: ModelSpec, cluster: Cluster, setup: FileSetup, est: Estima
         for bigger_clusters in (more_host_ram(cluster), more_gpus(cluster)):
             for bigger in bigger_clusters:
                 req = request.model_copy(update={"global_batch": _batch(request, bigger)})
-                found = search(model, bigger, req, constraints, space, top=1)
+                found = search(model, bigger, req, constraints, space, top=1, runtime=runtime)
                 evaluated += found.evaluated
                 fits = [c for c in found.candidates if not c.gives_up]
                 if fits:
@@ -211,8 +211,8 @@ EDIT_SETTINGS = frozenset({
     "bf16_master_weights_and_grads", "bf16_optimizer_states", "gradient_checkpointing",
     "disable_gradient_checkpointing", "flash_attn", "micro_batch", "grad_accum", "global_batch", "seq_len",
     "max_slice_nums", "optimizer_type", "optim",
-    "finetuning_type", "use_lora", "lora_rank", "lora_target", "tune_vision", "tune_llm", "freeze_vision_tower",
-    "freeze_multi_modal_projector", "freeze_language_model",
+    "finetuning_type", "use_lora", "lora_rank", "lora_dropout", "lora_target", "tune_vision", "tune_llm",
+    "freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model",
 })
 """Settings whose edits a fix lists (the memory levers; not the schedule)."""
 
@@ -276,12 +276,14 @@ def file_edits(model: ModelSpec, setup: FileSetup, cluster: Cluster, est: Estima
 
 
 def diagnose(model: ModelSpec, cluster: Cluster, setup: FileSetup, top: int = 5,
-             margin: float = DEFAULT_MARGIN) -> Diagnosis:
-    """Estimate the setup; when a budget is over, find the cheapest fixes; name the traps.
+             margin: float = DEFAULT_MARGIN, runtime: RuntimeModel | None = None) -> Diagnosis:
+    """Estimate the setup; when a budget is over (DOES NOT FIT) or may be (TIGHT), find the
+    cheapest fixes; name the traps.
 
     An UNKNOWN estimate (nothing over on the modelled part, something not modelled) gets no fixes:
     nothing is known to be wrong, and the search ranks only fully modelled setups."""
-    est = estimate(model, cluster, setup.options, setup.workload, setup.zero, notes=setup.notes)
-    fixes, evaluated = find_fixes(model, cluster, setup, est, top, margin) if est.fits is False else ([], 0)
+    est = estimate(model, cluster, setup.options, setup.workload, setup.zero, notes=setup.notes, runtime=runtime)
+    wanted = est.verdict in (Verdict.DOES_NOT_FIT, Verdict.TIGHT)
+    fixes, evaluated = find_fixes(model, cluster, setup, est, top, margin, runtime) if wanted else ([], 0)
     traps = find_traps(model, cluster, setup, est)
     return Diagnosis(est, fixes, traps, evaluated + 1)

@@ -19,6 +19,7 @@ from typing import Any
 from planner.errors import ProfileError
 from planner.estimate.states import (
     DS_MAX_LIVE_PARAMETERS,
+    DS_MAX_REUSE_DISTANCE,
     DS_PERSISTENCE_THRESHOLD,
     DS_PREFETCH_BUCKET_SIZE,
     DS_REDUCE_BUCKET_SIZE,
@@ -254,6 +255,7 @@ def _zero_settings(merged: Merged, model: ModelSpec, stage: ZeroStage) -> tuple[
         sub_group_size=merged.value("sub_group_size", DS_SUB_GROUP_SIZE),
         prefetch_bucket_size=values["stage3_prefetch_bucket_size"],
         max_live_parameters=merged.value("stage3_max_live_parameters", DS_MAX_LIVE_PARAMETERS),
+        max_reuse_distance=merged.value("stage3_max_reuse_distance", DS_MAX_REUSE_DISTANCE),
     ), tuple(autos)
 
 

@@ -40,6 +40,7 @@ MINICPM_DEFAULTS: dict[str, tuple[Any, str]] = {
     "tune_llm": (True, "--tune_llm"),
     "use_lora": (False, "--use_lora"),
     "lora_rank": (64, "--lora_r"),
+    "lora_dropout": (0.05, "--lora_dropout"),
     "lora_target": (r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)", "--lora_target_modules"),
 }
 """MiniCPM-o finetune.py's own defaults (finetune.py:L41-L70, docs/trainer-keys.md 3.1)."""
@@ -49,6 +50,7 @@ LF_DEFAULTS: dict[str, tuple[Any, str]] = {
     "seq_len": (2048, "cutoff_len"),
     "finetuning_type": ("lora", "finetuning_type"),
     "lora_rank": (8, "lora_rank"),
+    "lora_dropout": (0.0, "lora_dropout"),
     "lora_target": ("all", "lora_target"),
     "freeze_vision_tower": (True, "freeze_vision_tower"),
     "freeze_multi_modal_projector": (True, "freeze_multi_modal_projector"),
@@ -163,6 +165,19 @@ def lora_targets(pattern: str, model: ModelSpec, groups: Sequence[str], problems
     return named
 
 
+def lora_dropout(merged: Merged) -> float:
+    """The run's ``lora_dropout`` (the file's, else its trainer's default), a probability.
+
+    Raises:
+        ProfileError: outside [0, 1) (peft's ``nn.Dropout`` refuses it), one line naming the file.
+    """
+    got = merged.settings["lora_dropout"]
+    p = float(got.value)
+    if not 0 <= p < 1:
+        raise ProfileError(f"{got.file}: {got.key} {p:g}: a dropout probability is at least 0 and below 1")
+    return p
+
+
 def minicpm_groups(merged: Merged, model: ModelSpec, problems: list[Problem]) -> dict[str, Any]:
     """finetune.py: no audio or TTS; --tune_vision / --tune_llm freeze whole modules; the resampler
     always trains; LoRA also trains embed_tokens and the resampler (and vpm with --tune_vision)."""
@@ -178,7 +193,7 @@ def minicpm_groups(merged: Merged, model: ModelSpec, problems: list[Problem]) ->
         if v("lora_layers_to_transform") is not None:
             problems.append(Problem("--lora_layers_to_transform: adapters in some layers only; every layer counted"))
         return dict(without=without, train=train, lora=LoraOptions(rank=v("lora_rank"), targets=targets,
-                                                                   groups=lora_groups))
+                                                                   groups=lora_groups, dropout=lora_dropout(merged)))
     freeze = tuple(g for g, flag in (("vpm", "tune_vision"), ("llm", "tune_llm")) if g in names and not v(flag))
     return dict(without=without, freeze=freeze)
 
@@ -216,4 +231,5 @@ def llamafactory_groups(merged: Merged, model: ModelSpec, problems: list[Problem
         problems.append(Problem("LLaMA-Factory's LoRA trains the projector only through adapters that match "
                                 "lora_target or additional_target; freeze_multi_modal_projector false alone "
                                 "does not train it fully"))
-    return dict(without=without, train=train, lora=LoraOptions(rank=v("lora_rank"), targets=targets, groups=groups))
+    return dict(without=without, train=train, lora=LoraOptions(rank=v("lora_rank"), targets=targets, groups=groups,
+                                                               dropout=lora_dropout(merged)))

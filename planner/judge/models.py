@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from planner.judge.protocol import TraceRequest
+from planner.judge.vlm import lora_targets, renumber_index_lists, stack_cuts, vlm_config
 
 
 def fake_from_meta(model: Any, dev: str, precision: str) -> None:
@@ -33,9 +34,12 @@ def _build_model(req: TraceRequest, dev: str):
     """The model with fake parameters on ``dev``; tied parameters stay tied."""
     import torch
 
+    vlm = req.model_kind == "image_text_to_text"
     with torch.device("meta"):
         model = _meta_model(req)
-        if req.keep_layers:
+        if vlm:
+            keep_vlm_layers(model, req.keep_layers, req.keep_vision_layers)
+        elif req.keep_layers:
             keep_layers(model, req.keep_layers)
         if req.lora is not None:
             # peft wraps the meta model before the fake tensors are made (it cannot move fake CPU
@@ -43,7 +47,8 @@ def _build_model(req: TraceRequest, dev: str):
             # enable_input_require_grads itself, as HF Trainer's peft path does.
             if req.grad_ckpt:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model = _peft_wrap(model, req.lora)
+            targets = lora_targets(model, req.lora["targets"]) if vlm else None
+            model = _peft_wrap(model, req.lora, targets)
     fake_from_meta(model, dev, req.precision)
     for name, p in model.named_parameters():
         if any(name.startswith(prefix) for prefix in req.frozen_prefixes):
@@ -54,14 +59,16 @@ def _build_model(req: TraceRequest, dev: str):
     return model
 
 
-def _peft_wrap(model, lora: dict):  # noqa: ANN001, ANN202
-    """``get_peft_model`` with LoRA adapters as memplan's trainers configure them (dropout 0)."""
+def _peft_wrap(model, lora: dict, names: list[str] | None = None):  # noqa: ANN001, ANN202
+    """``get_peft_model`` with LoRA adapters as memplan's trainers configure them (dropout 0);
+    ``names``: the full module names to adapt instead of ``lora["targets"]``."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora["targets"]
-    target_modules = "all-linear" if list(targets) == ["all-linear"] else list(targets)
-    cfg = LoraConfig(r=int(lora["r"]), lora_alpha=int(lora.get("alpha", 2 * int(lora["r"]))), lora_dropout=0.0,
-                     target_modules=target_modules)
+    target_modules = names if names is not None else "all-linear" if list(targets) == ["all-linear"] \
+        else list(targets)
+    cfg = LoraConfig(r=int(lora["r"]), lora_alpha=int(lora.get("alpha", 2 * int(lora["r"]))),
+                     lora_dropout=float(lora.get("dropout", 0.0)), target_modules=target_modules)
     return get_peft_model(model, cfg)
 
 
@@ -78,14 +85,33 @@ def decoder_stack(model, n_layers: int):  # noqa: ANN001, ANN201
 
 
 def keep_layers(model, keep: tuple[int, ...]) -> None:  # noqa: ANN001
-    """Cut the decoder stack down to the layers ``keep`` (indices of the full model) in place:
-    each kept layer stays as the full model built it; the config's layer count and per-layer
-    lists follow, and every ``layer_idx`` is renumbered (caches and masks index by it)."""
+    """Cut the decoder stack down to the layers ``keep`` (indices of the full model) in place
+    (``keep_in_stack``)."""
     config = model.config
     n_built = config.num_hidden_layers
     _, stack = decoder_stack(model, n_built)
     if stack is None:
         raise RuntimeError(f"no stack of {n_built} decoder layers found in {type(model).__name__}")
+    keep_in_stack(stack, keep, [config])
+
+
+def keep_vlm_layers(model, keep_text: tuple[int, ...], keep_vision: tuple[int, ...]) -> None:  # noqa: ANN001
+    """Cut a vision-language model's text and vision stacks to the kept layers in place
+    (``keep_in_stack``), Qwen2.5-VL's full-attention indices renumbered with them."""
+    cuts = stack_cuts(model)
+    for keep, which in ((keep_text, "text"), (keep_vision, "vision")):
+        if keep:
+            stack, configs, depth_key = cuts[which]
+            keep_in_stack(stack, keep, configs, depth_key)
+    if keep_vision:
+        renumber_index_lists(model, cuts["vision"][1], keep_vision)
+
+
+def keep_in_stack(stack, keep: tuple[int, ...], configs: list, depth_key: str = "num_hidden_layers") -> None:  # noqa: ANN001
+    """Cut ``stack`` (an ``nn.ModuleList``) down to the layers ``keep`` in place: each kept layer
+    stays as the full model built it; each config's layer count (``depth_key``) and per-layer
+    lists follow, and every ``layer_idx`` is renumbered (caches and masks index by it)."""
+    n_built = len(stack)
     kept = [stack[i] for i in keep]
     for new, layer in enumerate(kept):
         for mod in layer.modules():
@@ -95,10 +121,11 @@ def keep_layers(model, keep: tuple[int, ...]) -> None:  # noqa: ANN001
         del stack[len(stack) - 1]
     for layer in kept:
         stack.append(layer)
-    for key, value in list(vars(config).items()):
-        if isinstance(value, list) and len(value) == n_built and key != "architectures":
-            setattr(config, key, [value[i] for i in keep])
-    config.num_hidden_layers = len(keep)
+    for config in configs:
+        for key, value in list(vars(config).items()):
+            if isinstance(value, list) and len(value) == n_built and key != "architectures":
+                setattr(config, key, [value[i] for i in keep])
+        setattr(config, depth_key, len(keep))
 
 
 def _meta_model(req: TraceRequest):
@@ -113,6 +140,11 @@ def _meta_model(req: TraceRequest):
     if req.model_kind == "module":
         mod_name, fn_name = req.module_factory.split(":", 1)
         return getattr(importlib.import_module(mod_name), fn_name)(cfg)
+    if req.model_kind == "image_text_to_text":
+        from transformers import AutoModelForImageTextToText
+
+        config = vlm_config(cfg, req.keep_layers, req.keep_vision_layers)
+        return AutoModelForImageTextToText.from_config(config, attn_implementation=req.attn, dtype=torch.float32)
     mtype = cfg.pop("model_type", None)
     if req.model_kind == "causal_lm":
         from transformers import AutoConfig, AutoModelForCausalLM

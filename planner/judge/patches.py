@@ -241,3 +241,67 @@ def _patch_cuda_autocast() -> None:
 FAKE_CUDA_CAPABILITY = (9, 0)
 """Compute capability the fake CUDA device reports (Hopper): every kernel path memplan traces
 (flash and memory-efficient SDPA, transformers' grouped_mm mixture-of-experts) is open to it."""
+
+
+class UnreachedBranches:
+    """Frees a branch of the graph that backward never reaches when a real step would.
+
+    MemTracker's module tracker (``torch.distributed._tools.mod_tracker``) hooks each module's
+    input tensors with ``register_multi_grad_hook`` (mode "all"), whose closure holds those
+    tensors' autograd nodes: a cycle through C++ that the garbage collector cannot see. A branch
+    the loss does not depend on (LLaVA's last tower layer under ``vision_feature_layer`` -2, whose
+    output only the model's ``image_outputs`` hold) then never dies, and its saved tensors count in
+    every later phase and step; a real step frees them when the model's outputs are dropped.
+    Inside this context those hooks are recorded (by the ids of their nodes, which the hooks'
+    closures keep alive); ``prune`` removes the ones on nodes the loss does not reach (they can
+    never fire), ``release`` the rest once backward is done.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[tuple[tuple[int, ...], Any]] = []
+        self._original: Any = None
+
+    def __enter__(self) -> UnreachedBranches:
+        import torch.distributed._tools.mod_tracker as mod_tracker
+        from torch.autograd.graph import _get_grad_fn_or_grad_acc
+
+        self._original = original = mod_tracker.register_multi_grad_hook
+
+        def recording(tensors, fn, *, mode="all"):  # noqa: ANN001, ANN202
+            handle = original(tensors, fn, mode=mode)
+            if mode == "all":
+                self.records.append((tuple(id(_get_grad_fn_or_grad_acc(t)) for t in tensors), handle))
+            return handle
+
+        mod_tracker.register_multi_grad_hook = recording
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch.distributed._tools.mod_tracker as mod_tracker
+
+        mod_tracker.register_multi_grad_hook = self._original
+        self.release()
+
+    def prune(self, loss: Any) -> None:  # noqa: ANN401
+        """Remove the hooks on nodes that backward from ``loss`` will not run."""
+        seen: dict[int, Any] = {}  # id -> node: the wrappers stay alive, so their ids stay theirs
+        todo = [loss.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen[id(node)] = node
+            todo.extend(fn for fn, _ in node.next_functions)
+        keep = []
+        for ids, handle in self.records:
+            if any(i in seen for i in ids):
+                keep.append((ids, handle))
+            else:
+                handle.remove()
+        self.records = keep
+
+    def release(self) -> None:
+        """Remove every recorded hook (after backward: none is left to fire)."""
+        for _, handle in self.records:
+            handle.remove()
+        self.records = []

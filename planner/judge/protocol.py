@@ -13,10 +13,16 @@ OPTIMIZERS = ("adamw-forloop", "adamw-foreach", "adamw-fused", "sgd", "adafactor
 ATTENTIONS = ("eager", "sdpa")
 DEVICES = ("cuda", "cpu")
 PHASES = ("forward", "backward", "optimizer")
-MODEL_KINDS = ("causal_lm", "siglip_vision", "whisper_encoder", "module")
-"""What ``TraceRequest.model_kind`` can build: a ``*ForCausalLM`` (the default), transformers'
+MODEL_KINDS = ("causal_lm", "image_text_to_text", "siglip_vision", "whisper_encoder", "module")
+"""What ``TraceRequest.model_kind`` can build: a ``*ForCausalLM`` (the default), a vision-language
+model (``AutoModelForImageTextToText``: LLaVA, Qwen2-VL, Qwen2.5-VL, Gemma 3), transformers'
 ``SiglipVisionModel`` or ``WhisperEncoder`` (the vision and audio towers of multimodal models), or
 any ``torch.nn.Module`` a factory function builds (``module_factory``)."""
+LM_KINDS = ("causal_lm", "image_text_to_text")
+"""The kinds whose step is a language model's: ``input_ids`` and ``labels``, HF Trainer's loss."""
+VLM_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "gemma3")
+"""The vision-language ``model_type`` values whose processor inputs the judge builds
+(``planner.judge.vlm``)."""
 
 # MemTracker's _MemRefType values -> our category names.
 CATEGORY_NAMES = {
@@ -44,7 +50,8 @@ class TraceRequest:
 
     Attributes:
         model_config: HF ``config.json`` fields, ``model_type`` included; the model is built with
-            ``AutoModelForCausalLM.from_config``. ``use_cache`` is left to the config, as HF
+            ``AutoModelForCausalLM.from_config`` (``AutoModelForImageTextToText`` for
+            ``image_text_to_text``). ``use_cache`` is left to the config, as HF
             Trainer leaves it (without gradient checkpointing a ``DynamicCache`` is then filled
             during the training forward; put ``"use_cache": False`` in the config to avoid it).
         precision: ``fp32``; ``amp-bf16``/``amp-fp16`` (fp32 weights, ``torch.autocast`` over
@@ -79,13 +86,22 @@ class TraceRequest:
             ``nn.Module`` with a method ``memplan_inputs(batch, device, dtype)`` returning the
             keyword arguments of its forward. The forward returns a tensor (or an object with
             ``last_hidden_state``).
-        keep_layers: for ``causal_lm``: build only these layers of the decoder stack (indices of
-            the full model, ascending), each as the full model builds it (its attention kind, its
-            dense or mixture-of-experts MLP), renumbered 0..n-1; empty: every layer. The reduced
-            copies of ``planner.judge.fit`` are built this way.
-        lora: for ``causal_lm``: peft LoRA over the model, ``{"r": 8, "alpha": 16, "targets":
-            ["q_proj", ...]}`` (peft's ``target_modules``; "all-linear" allowed), dropout 0, base
-            frozen as peft freezes it; None: no adapters.
+        keep_layers: for ``causal_lm`` and ``image_text_to_text``: build only these layers of the
+            decoder stack (indices of the full model, ascending), each as the full model builds it
+            (its attention kind, its dense or mixture-of-experts MLP), renumbered 0..n-1; empty:
+            every layer. The reduced copies of ``planner.judge.fit`` are built this way.
+        lora: for ``causal_lm`` and ``image_text_to_text``: peft LoRA over the model, ``{"r": 8,
+            "alpha": 16, "targets": ["q_proj", ...]}`` (peft's ``target_modules``; "all-linear"
+            allowed), dropout 0, base frozen as peft freezes it; None: no adapters. In a
+            vision-language model only the language model's linears get adapters, as memplan's
+            inventory and LLaMA-Factory place them.
+        keep_vision_layers: for ``image_text_to_text``: the same as ``keep_layers`` for the
+            vision tower's stack of layers (Qwen2.5-VL's full-attention block indices follow).
+        images: for ``image_text_to_text``: images per sample (0: a text-only step, the tower
+            does not run). ``seq_len`` counts their LLM tokens, as the processor expands them.
+        image_size: (width, height) in pixels of each image as the family's processor hands it
+            to the tower (LLaVA's center crop, Qwen-VL's ``smart_resize`` size, Gemma 3's
+            square); the inputs per family are ``planner.judge.vlm.vlm_inputs``'.
     """
 
     model_config: dict
@@ -104,11 +120,14 @@ class TraceRequest:
     module_factory: str = ""
     keep_layers: tuple[int, ...] = ()
     lora: dict | None = None
+    keep_vision_layers: tuple[int, ...] = ()
+    images: int = 0
+    image_size: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         if self.model_kind not in MODEL_KINDS:
             raise ValueError(f"model_kind must be one of {', '.join(MODEL_KINDS)}; got {self.model_kind!r}")
-        if self.model_kind == "causal_lm" and "model_type" not in self.model_config:
+        if self.model_kind in LM_KINDS and "model_type" not in self.model_config:
             raise ValueError("model_config needs a 'model_type'")
         if self.model_kind == "module" and ":" not in self.module_factory:
             raise ValueError("model_kind 'module' needs module_factory='package.module:function'")
@@ -122,11 +141,18 @@ class TraceRequest:
         if self.micro_batch < 1 or self.seq_len < 2 or self.steps < 1:
             raise ValueError("micro_batch >= 1, seq_len >= 2 and steps >= 1 are required")
         object.__setattr__(self, "frozen_prefixes", tuple(self.frozen_prefixes))
-        object.__setattr__(self, "keep_layers", tuple(int(i) for i in self.keep_layers))
-        if list(self.keep_layers) != sorted(set(self.keep_layers)) or any(i < 0 for i in self.keep_layers):
-            raise ValueError("keep_layers must be distinct, ascending layer indices >= 0")
-        if (self.keep_layers or self.lora) and self.model_kind != "causal_lm":
-            raise ValueError("keep_layers and lora apply to model_kind 'causal_lm' only")
+        for name in ("keep_layers", "keep_vision_layers"):
+            keep = tuple(int(i) for i in getattr(self, name))
+            object.__setattr__(self, name, keep)
+            if list(keep) != sorted(set(keep)) or any(i < 0 for i in keep):
+                raise ValueError(f"{name} must be distinct, ascending layer indices >= 0")
+        object.__setattr__(self, "image_size", tuple(int(x) for x in self.image_size))
+        if (self.keep_layers or self.lora) and self.model_kind not in LM_KINDS:
+            raise ValueError("keep_layers and lora apply to model_kind 'causal_lm' and 'image_text_to_text' only")
+        if (self.keep_vision_layers or self.images) and self.model_kind != "image_text_to_text":
+            raise ValueError("keep_vision_layers and images apply to model_kind 'image_text_to_text' only")
+        if self.images < 0 or (self.images and min(self.image_size) < 1):
+            raise ValueError("images >= 0, with an image_size of at least 1x1 pixels")
         if self.lora is not None and (int(self.lora.get("r", 0)) < 1 or not self.lora.get("targets")):
             raise ValueError("lora needs r >= 1 and targets")
 
@@ -140,6 +166,8 @@ class TraceRequest:
         d = json.loads(text)
         d["frozen_prefixes"] = tuple(d.get("frozen_prefixes", ()))
         d["keep_layers"] = tuple(d.get("keep_layers", ()))
+        d["keep_vision_layers"] = tuple(d.get("keep_vision_layers", ()))
+        d["image_size"] = tuple(d.get("image_size", (0, 0)))
         return cls(**d)
 
 
@@ -166,6 +194,10 @@ class TraceResult:
             model outputs dropped, before backward): what the step holds for backward.
         after_backward: bytes by category right after the last step's ``loss.backward()``.
         after_step: bytes by category after the last step's ``zero_grad``.
+        moment_peaks: the last step's peak in each phase at each *moment*, by category: inside
+            decoder layer i (``"3"``: its forward, its backward, its recomputation), before any
+            layer ran in that phase (``"pre"``) or after the last one (``"post"``). A phase's peak
+            is the largest of its moments; ``planner.judge.fit`` extrapolates each moment.
     """
 
     peak_bytes: int
@@ -181,6 +213,7 @@ class TraceResult:
     after_forward: dict[str, int] = field(default_factory=dict)
     after_backward: dict[str, int] = field(default_factory=dict)
     after_step: dict[str, int] = field(default_factory=dict)
+    moment_peaks: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict) -> TraceResult:

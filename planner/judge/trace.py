@@ -34,6 +34,7 @@ torch and transformers are imported inside functions only: importing this module
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import subprocess
@@ -51,9 +52,11 @@ from planner.judge.models import (
     _find_layers,
     _make_optimizer,
     _wrap_loss,
+    decoder_stack,
     fake_from_meta,
 )
 from planner.judge.patches import (
+    UnreachedBranches,
     _enable_fake_cuda,  # noqa: F401  (tests/estimate/test_activations_vs_trace.py's judge calls it from here)
     _gpu_sdpa,
     _patch_cuda_autocast,
@@ -64,12 +67,14 @@ from planner.judge.protocol import (
     _PROGRESS,
     _RESULT,
     CATEGORIES,
+    LM_KINDS,
     PHASES,
     TraceError,
     TraceRequest,
     TraceResult,
 )
 from planner.judge.tracker import _PHASE, _make_tracker_class, _module_peaks, _named
+from planner.judge.vlm import marked_layers, vlm_fake_mode, vlm_inputs
 
 __all__ = ["CATEGORIES", "PHASES", "TraceError", "TraceRequest", "TraceResult", "fake_from_meta", "trace_step",
            "trace_steps"]
@@ -181,7 +186,12 @@ def _run_trace(req: TraceRequest, dev: str, notes: list[str], say: Callable[[str
     if req.precision == "amp-fp16":
         notes.append("amp-fp16: no GradScaler (its inf check needs real values); its memory is a few scalars")
     Tracker = _make_tracker_class()
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    vlm = req.model_kind == "image_text_to_text"
+    if vlm:
+        # The families' placeholder checks (image tokens == image features) read tensor values,
+        # which fake tensors have none of; transformers' production switch turns them off.
+        os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = "1"
+    fake_mode = vlm_fake_mode() if vlm else FakeTensorMode(allow_non_fake_inputs=True)
     layer_count = {"n": 0}
 
     def on_layer(kind: str, idx: int) -> None:
@@ -194,10 +204,12 @@ def _run_trace(req: TraceRequest, dev: str, notes: list[str], say: Callable[[str
     with fake_mode:
         say("building model")
         model = _build_model(req, dev)
-        causal = req.model_kind == "causal_lm"
+        causal = req.model_kind in LM_KINDS
         if causal:
             _wrap_loss(model)
-        layers = _find_layers(model)
+        layers = marked_layers(model, req.images) if vlm else _find_layers(model)
+        if layers is None and causal and getattr(getattr(model, "config", None), "num_hidden_layers", None):
+            _, layers = decoder_stack(model, int(model.config.num_hidden_layers))  # transformer.h, peft...
         if layers is not None:
             layer_count["n"] = len(layers)
             for i, layer in enumerate(layers):
@@ -207,7 +219,8 @@ def _run_trace(req: TraceRequest, dev: str, notes: list[str], say: Callable[[str
         if causal:
             input_ids = torch.zeros((req.micro_batch, req.seq_len), dtype=torch.long, device=dev)
             labels = torch.zeros((req.micro_batch, req.seq_len), dtype=torch.long, device=dev)
-            externals = [input_ids, labels]
+            extra = vlm_inputs(req, model, dev, fake_mode) if vlm else {}
+            externals = [input_ids, labels, *(v for v in extra.values() if isinstance(v, torch.Tensor))]
         else:
             inputs = _encoder_inputs(req, model, dev)
             externals = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
@@ -216,18 +229,20 @@ def _run_trace(req: TraceRequest, dev: str, notes: list[str], say: Callable[[str
         mt.track_external(model, *externals)
         sdpa_mode = _gpu_sdpa() if dev == "cuda" else contextlib.nullcontext()
         say(f"model built ({sum(p.numel() for p in model.parameters()) / 1e9:.3f} B parameters); tracing")
-        with mt, sdpa_mode:
+        branches = UnreachedBranches() if vlm else None
+        with mt, sdpa_mode, branches or contextlib.nullcontext():
             for step in range(req.steps):
                 _PHASE["step"] = step
                 mt.reset_mod_stats()
                 mt.step_peak = 0
                 _PHASE["name"] = "forward"
+                mt.start_phase()
                 say(f"step {step + 1}/{req.steps} forward")
                 autocast = (torch.autocast(dev, dtype=amp_dtype) if amp_dtype is not None
                             else contextlib.nullcontext())
                 with autocast:
                     if causal:
-                        outputs = model(input_ids=input_ids, labels=labels)
+                        outputs = model(input_ids=input_ids, labels=labels, **extra)
                     else:
                         loss, outputs = model(**inputs)
                 if causal and amp_dtype is not None:
@@ -238,16 +253,25 @@ def _run_trace(req: TraceRequest, dev: str, notes: list[str], say: Callable[[str
                 if causal:
                     loss = outputs.loss
                 del outputs
+                if branches is not None:
+                    # A branch the loss does not reach (LLaVA's last tower layer) dies here in a
+                    # real step, when the model's outputs are dropped.
+                    branches.prune(loss)
+                    gc.collect()
                 after_forward = _named(mt.dev_snapshot())
                 _PHASE["name"] = "backward"
+                mt.start_phase()
                 if loss.requires_grad:
                     say(f"step {step + 1}/{req.steps} backward")
                     loss.backward()
                 elif step == 0:
                     notes.append("nothing requires grad: no backward (frozen encoder, input without grad)")
                 del loss
+                if branches is not None:
+                    branches.release()
                 after_backward = _named(mt.dev_snapshot())
                 _PHASE["name"] = "optimizer"
+                mt.start_phase()
                 if req.max_grad_norm is not None and params:
                     torch.nn.utils.clip_grad_norm_(params, req.max_grad_norm)
                 if optimizer is not None:
@@ -280,4 +304,6 @@ def _run_trace(req: TraceRequest, dev: str, notes: list[str], say: Callable[[str
         after_forward=after_forward,
         after_backward=after_backward,
         after_step=after_step,
+        moment_peaks={ph: {m: _named(snap) for m, snap in moments.items()} for ph, moments in mt.moment_peaks.items()
+                      if ph in PHASES},
     )

@@ -11,6 +11,8 @@ _PHASE = {"name": "setup"}
 
 
 def _make_tracker_class():
+    from copy import deepcopy
+
     import torch
     from torch._guards import active_fake_mode
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType, _ModState
@@ -33,6 +35,9 @@ def _make_tracker_class():
             self.peak_total = -1
             self.peak_snap: dict = {}
             self.peak_phase = "forward"
+            self.layer_stack: list[int] = []
+            self.layers_seen: set[int] = set()
+            self.moment_peaks: dict[str, dict[str, dict]] = {}
 
         def dev_snapshot(self) -> dict:
             for dev, snap in self._curr_mem_snap.items():
@@ -41,7 +46,7 @@ def _make_tracker_class():
             return {}
 
         def _update_peak_stats(self, peak_state) -> None:  # noqa: ANN001
-            super()._update_peak_stats(peak_state)
+            self._update_module_peaks(peak_state)
             snap = self.dev_snapshot()
             total = snap.get(_TOTAL_KEY, 0)
             phase = _PHASE["name"]
@@ -55,6 +60,69 @@ def _make_tracker_class():
                 self.peak_snap = dict(snap)
                 self.peak_phase = phase
             self.step_peak = max(self.step_peak, total)
+            moment = self.moment()
+            moments = self.moment_peaks.setdefault(phase, {})
+            if total >= moments.get(moment, {}).get(_TOTAL_KEY, -1):
+                moments[moment] = dict(snap)
+
+        def _update_module_peaks(self, peak_state) -> None:  # noqa: ANN001
+            """Stock ``MemTracker._update_peak_stats``, with the same updates: each running module's
+            local peak and snapshot, then the device peak. Stock code walks the stats of every module
+            of the model on every op to find the running ones (``ModTracker.parents``), which made
+            that walk nine tenths of a large model's trace (a 7B vision-language model's ~1,000
+            modules times its per-window attention ops); here the running ones are looked up by name."""
+            if len(self.memory_tracking) != getattr(self, "_indexed", -1):
+                self._by_fqn: dict[str, list] = {}
+                for stats in self.memory_tracking.values():
+                    self._by_fqn.setdefault(stats.mod_fqn, []).append(stats)
+                self._indexed = len(self.memory_tracking)
+            curr_snap = self._curr_mem_snap
+            for fqn in self._mod_tracker.parents:
+                for stats in self._by_fqn.get(fqn, ()):
+                    if peak_state not in stats.snapshots:
+                        continue
+                    for dev, dev_snap in curr_snap.items():
+                        if stats.local_peak.get(dev, 0) < dev_snap[_TOTAL_KEY]:
+                            stats.local_peak[dev] = dev_snap[_TOTAL_KEY]
+                            stats.snapshots[peak_state][-1][dev] = deepcopy(dev_snap)
+            for dev, dev_snap in curr_snap.items():
+                if self._peak_mem.get(dev, 0) < dev_snap[_TOTAL_KEY]:
+                    self._peak_mem[dev] = dev_snap[_TOTAL_KEY]
+                    self._peak_mem_snap[dev] = deepcopy(dev_snap)
+
+        def moment(self) -> str:
+            """Where in the phase the step is: inside decoder layer ``i`` (``"3"``), before any
+            layer ran in this phase (``"pre"``: embeddings in forward, the loss and head in
+            backward) or after the last (``"post"``)."""
+            if self.layer_stack:
+                return str(self.layer_stack[-1])
+            return "post" if self.layers_seen else "pre"
+
+        def start_phase(self) -> None:
+            """A new phase: no layer seen yet (moments of the last step's phases are kept)."""
+            self.layer_stack.clear()
+            self.layers_seen.clear()
+            self.moment_peaks.pop(_PHASE["name"], None)
+
+        def _enter_layer(self, module) -> None:  # noqa: ANN001
+            idx = getattr(module, "_memplan_layer", None)
+            if idx is not None:
+                self.layer_stack.append(idx)
+                self.layers_seen.add(idx)
+
+        def _leave_layer(self, module) -> None:  # noqa: ANN001
+            idx = getattr(module, "_memplan_layer", None)
+            if idx is not None and self.layer_stack and self.layer_stack[-1] == idx:
+                self.layer_stack.pop()
+
+        def _post_fw_hook(self, module, inputs, outputs) -> None:  # noqa: ANN001
+            super()._post_fw_hook(module, inputs, outputs)
+            self._leave_layer(module)
+
+        def _post_bw_hook(self, module, args) -> None:  # noqa: ANN001
+            super()._post_bw_hook(module, args)
+            if module is not None:
+                self._leave_layer(module)
 
         def _track_module_params_and_buffers(self, module, install_grad_hooks: bool = True):  # noqa: ANN001, ANN202
             # Stock MemTracker registers a grad hook on every parameter, which raises for a
@@ -94,11 +162,14 @@ def _make_tracker_class():
 
         def _pre_fw_hook(self, module, inputs) -> None:  # noqa: ANN001
             super()._pre_fw_hook(module, inputs)
+            self._enter_layer(module)
             if self.on_layer is not None and getattr(module, "_memplan_layer", None) is not None:
                 self.on_layer("recompute" if self._mod_tracker.is_bw else "forward", module._memplan_layer)
 
         def _pre_bw_hook(self, module, args) -> None:  # noqa: ANN001
             super()._pre_bw_hook(module, args)
+            if module is not None:
+                self._enter_layer(module)
             if self.on_layer is not None and module is not None and getattr(module, "_memplan_layer", None) is not None:
                 self.on_layer("backward", module._memplan_layer)
 

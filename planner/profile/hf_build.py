@@ -212,4 +212,5 @@ def build_groups(cfg_path: Path, raw: dict[str, Any], code: RemoteCode | None, t
     full = config.to_dict()
     rule = None if remote else image_rule(raw["model_type"], full, processor, processor_name)
     vision = full.get("vision_config") if isinstance(full.get("vision_config"), dict) else None
-    return make_groups(params, prefix, remote, _text_config(transformers, model, config, prefix), vision, rule)
+    return make_groups(params, prefix, remote, _text_config(transformers, model, config, prefix), vision, rule,
+                       None if remote else raw)

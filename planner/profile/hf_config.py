@@ -57,7 +57,7 @@ MAX_CONFIG_BYTES = 4 * 2**20
 PROCESSOR_FILE = "preprocessor_config.json"
 """The image processor's settings beside config.json (Qwen2-VL's min_pixels and max_pixels...)."""
 
-INVENTORY_VERSION = 1
+INVENTORY_VERSION = 2
 """The cached inventory's layout; raise it when `_spec_json` changes or grouping changes."""
 
 ENCODER_ONLY_TYPES = frozenset({

@@ -87,6 +87,15 @@ def _role(name: str) -> tuple[str, str, str] | None:
     return None
 
 
+def group_of(name: str) -> str:
+    """The group of a parameter of a transformers vision-language model, as ``group_params``
+    names them: the tower, the projector, or (anything else) the language model."""
+    role = _role(name)
+    if role is None:
+        return LLM_GROUP
+    return TOWER_GROUP if role[0] == VISION_TOWER_KIND else PROJECTOR_GROUP
+
+
 def _is_llm(name: str, llm_prefix: str) -> bool:
     """Under the language model's module, or its lm_head (which sits beside the module that
     holds the embedding, or above it: ``lm_head``, ``llm.lm_head``, ``language_model.lm_head``)."""
@@ -139,9 +148,11 @@ def llm_config(text_cfg: Mapping[str, Any], tied: bool) -> dict[str, Any]:
 
 
 def make_groups(params: list[RawParam], llm_prefix: str | None, remote: bool, text_cfg: Mapping[str, Any],
-                vision_cfg: Mapping[str, Any] | None, rule: dict[str, Any] | None) -> tuple[Group, ...]:
+                vision_cfg: Mapping[str, Any] | None, rule: dict[str, Any] | None,
+                model_cfg: Mapping[str, Any] | None = None) -> tuple[Group, ...]:
     """The model's groups with their configs: the LLM's text config, the tower's vision
-    ``model_type`` and image rule, the module paths of each tower and projector."""
+    ``model_type`` and image rule, the module paths of each tower and projector, and on the
+    tower the whole model's config (``VLM_CONFIG``: what a traced step builds) when given."""
     out = []
     for name, (kind, tensors) in group_params(params, llm_prefix, remote).items():
         if kind == "decoder":
@@ -153,10 +164,24 @@ def make_groups(params: list[RawParam], llm_prefix: str | None, remote: bool, te
                 cfg["model_type"] = vision_cfg.get("model_type", "")
                 if rule is not None:
                     cfg["image_rule"] = rule
+                if model_cfg is not None:
+                    cfg[VLM_CONFIG] = clean_config(model_cfg)
         else:
             cfg = {}
         out.append(Group(name, kind, tuple(tensors), cfg))
     return tuple(out)
+
+
+VLM_CONFIG = "vlm_config"
+"""The tower group's config key holding the whole vision-language config.json (cleaned), from which
+``planner.judge.fit`` builds the real model to trace its step."""
+_NOISE = ("transformers_version", "_name_or_path", "architectures", "auto_map", "torch_dtype", "dtype")
+
+
+def clean_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A config.json as the judge builds it: without the fields that name files, versions or a
+    storage dtype (at any depth of its sub-configs), so copies of one model share traced terms."""
+    return {k: clean_config(v) if isinstance(v, dict) else v for k, v in raw.items() if k not in _NOISE}
 
 
 def _module_path(name: str) -> str:

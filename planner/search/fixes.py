@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
+from planner.estimate import RuntimeModel
 from planner.profile.catalog import ModelSpec
 from planner.profile.hardware import Cluster
 from planner.search.search import search
@@ -51,7 +52,7 @@ class Fix:
 
 
 def host_ram_fix(model: ModelSpec, cluster: Cluster, request: Request, constraints: Constraints,
-                 space: SearchSpace, max_severity: int) -> Fix | None:
+                 space: SearchSpace, max_severity: int, runtime: RuntimeModel | None = None) -> Fix | None:
     """The smallest common host RAM size with which a setup giving up at most ``max_severity``
     fits, and that setup.
 
@@ -59,25 +60,25 @@ def host_ram_fix(model: ModelSpec, cluster: Cluster, request: Request, constrain
     the largest is tried before the ones between, and when that does not do either none will."""
     ladder = list(more_host_ram(cluster))
     for i, bigger in enumerate(ladder):
-        found = _best_within(model, bigger, request, constraints, space, max_severity)
+        found = _best_within(model, bigger, request, constraints, space, max_severity, runtime)
         if found:
             return Fix(f"host RAM {cluster.host_ram_bytes / GIB:.0f} -> {bigger.host_ram_bytes // GIB} GiB per node",
                        found)
         if i == 0 and len(ladder) > 2:
-            if _best_within(model, ladder[-1], request, constraints, space, max_severity) is None:
+            if _best_within(model, ladder[-1], request, constraints, space, max_severity, runtime) is None:
                 return None
     return None
 
 
 def _best_within(model: ModelSpec, cluster: Cluster, request: Request, constraints: Constraints,
-                 space: SearchSpace, max_severity: int) -> Candidate | None:
+                 space: SearchSpace, max_severity: int, runtime: RuntimeModel | None = None) -> Candidate | None:
     """The best candidate on ``cluster`` that gives up at most ``max_severity``."""
-    found = search(model, cluster, request, constraints, space, top=1).candidates
+    found = search(model, cluster, request, constraints, space, top=1, runtime=runtime).candidates
     return next((c for c in found if c.worst <= max_severity), None)
 
 
 def more_gpus_fix(model: ModelSpec, cluster: Cluster, request: Request, constraints: Constraints,
-                  space: SearchSpace, max_severity: int) -> Fix | None:
+                  space: SearchSpace, max_severity: int, runtime: RuntimeModel | None = None) -> Fix | None:
     """The fewest extra GPUs of the same kind (`more_gpus`: up to 8 per node, then more nodes, up
     to `MAX_GPUS` in all) with which a setup giving up at most ``max_severity`` fits. The global
     batch is kept when it divides; else it grows to the next multiple."""
@@ -86,14 +87,14 @@ def more_gpus_fix(model: ModelSpec, cluster: Cluster, request: Request, constrai
         if request.global_batch is not None and request.global_batch % bigger.world_size:
             req = request.model_copy(update={"global_batch": -(-request.global_batch // bigger.world_size)
                                              * bigger.world_size})
-        found = _best_within(model, bigger, req, constraints, space, max_severity)
+        found = _best_within(model, bigger, req, constraints, space, max_severity, runtime)
         if found:
             return Fix(f"GPUs {cluster.label} -> {bigger.label}", found)
     return None
 
 
 def fixes(model: ModelSpec, cluster: Cluster, request: Request, constraints: Constraints,
-          space: SearchSpace, result: SearchResult) -> list[Fix]:
+          space: SearchSpace, result: SearchResult, runtime: RuntimeModel | None = None) -> list[Fix]:
     """The smallest changes that make the request fit as asked (when the chosen plan gives
     something up), or make anything fit (when nothing does): more host RAM, more GPUs, and the
     constraints relaxed one at a time. Cheapest first: a constraint before hardware, RAM before
@@ -115,11 +116,11 @@ def fixes(model: ModelSpec, cluster: Cluster, request: Request, constraints: Con
             relaxed.append((f"--min-slices {constraints.min_slice_nums} -> 1",
                             constraints.model_copy(update={"min_slice_nums": 1})))
         for text, c in relaxed:
-            found = search(model, cluster, request, c, space, top=1).candidates
+            found = search(model, cluster, request, c, space, top=1, runtime=runtime).candidates
             if found:
                 out.append(Fix(text, found[0]))
     for finder in (host_ram_fix, more_gpus_fix):
-        fix = finder(model, cluster, request, constraints, space, target)
+        fix = finder(model, cluster, request, constraints, space, target, runtime)
         if fix is not None:
             out.append(fix)
     return out

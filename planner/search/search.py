@@ -6,9 +6,12 @@ hold is a set of `Constraints` (both in `space`). Every candidate says what it g
 request, every rejected one which budget it broke and by how much. docs/tune.md explains the
 ranking; `fixes` looks outside the space when nothing (or nothing as asked) fits.
 
-A setup whose estimate leaves something out (`Estimate.unmodeled`) is never a candidate: when its
-modelled part fits it is listed in ``SearchResult.unknown``; when that part alone is over it is
-rejected like any other (a lower bound over is certain). Contexts longer than the model's learned
+A candidate fits at the HIGH end of every band (`Estimate.per_gpu.band`), with the margin taken
+off the capacity; a setup that fits only at the expected figure is TIGHT, listed in
+``SearchResult.tight`` and never chosen. A setup whose estimate leaves something out
+(`Estimate.unmodeled`) is never a candidate: when its modelled part fits it is listed in
+``SearchResult.unknown``; when that part alone is over (at the expected figure) it is rejected
+like any other. Contexts longer than the model's learned
 absolute positions are not tried, and a note says so.
 
 How the search stays fast (the whole default space for MiniCPM-o on 2x3090 in well under two
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from planner.errors import ProfileError
-from planner.estimate import Estimate, estimate
+from planner.estimate import Estimate, RuntimeModel, estimate
 from planner.estimate.states import ZeroSettings
 from planner.profile.catalog import ModelSpec
 from planner.profile.hardware import Cluster
@@ -41,6 +44,7 @@ from planner.search.space import (
     Request,
     SearchResult,
     SearchSpace,
+    Tight,
     Unknown,
 )
 from planner.speed.step_time import StepTime, step_time
@@ -104,6 +108,7 @@ def search(
     constraints: Constraints | None = None,
     space: SearchSpace | None = None,
     top: int = 5,
+    runtime: RuntimeModel | None = None,
 ) -> SearchResult:
     """Every setup in ``space`` that fits ``cluster``, ranked; the rejected ones with why.
 
@@ -115,6 +120,7 @@ def search(
         space: the levers and their values (default: `SearchSpace()`).
         top: keep relaxing the request until at least this many candidates fit (or nothing is
             left to relax).
+        runtime: the runtime constants every estimate uses (`estimate.estimate`).
 
     Raises:
         ProfileError: the request names groups the model lacks, or cannot be honoured at all
@@ -155,7 +161,7 @@ def search(
             if bounds.get(options) is False:
                 continue  # its model states alone did not fit under another relaxation of the data
             best = _largest_micro_batch(model, cluster, options, request, relax, per_gpu, space, zero,
-                                        gpu_cap, host_cap, constraints.nvme_bytes, result, bounds)
+                                        gpu_cap, host_cap, constraints.nvme_bytes, result, bounds, runtime)
             if best is None:
                 continue
             workload, est = best
@@ -282,7 +288,7 @@ def _relaxations(model: ModelSpec, request: Request, constraints: Constraints,
         if constraints.target == "minicpm" and "llm" in lora_decoders and "llm.embed_tokens" not in keep:
             keep += ("llm.embed_tokens",)  # finetune.py: modules_to_save = embed_tokens, resampler
         for rank in space.lora_ranks:
-            lora = LoraOptions(rank=rank, groups=tuple(lora_decoders))
+            lora = LoraOptions(rank=rank, groups=tuple(lora_decoders), dropout=request.lora_dropout)
             text = f"LoRA r{rank} on {', '.join(lora_decoders)}"
             trainables.append((keep, (), lora, (GiveUp(kind="lora", text=text, severity=3),)))
     if space.freeze_encoders:
@@ -355,9 +361,10 @@ def _precision_give_ups(options: TrainingOptions, request: Request) -> tuple[Giv
 
 
 def _largest_micro_batch(model, cluster, options, request, relax, per_gpu, space, zero, gpu_cap, host_cap,
-                         nvme_cap, result, bounds) -> tuple[Workload, Estimate] | None:
-    """The largest micro-batch that fits, with its estimate; None (and a rejection, or an UNKNOWN
-    entry when its estimate leaves something out) when none does.
+                         nvme_cap, result, bounds, runtime) -> tuple[Workload, Estimate] | None:
+    """The largest micro-batch that fits at the high end of its bands, with its estimate; None
+    (and a rejection, a TIGHT entry when it fits only at the expected figure, or an UNKNOWN entry
+    when its estimate leaves something out) when none does.
 
     The estimate without activations depends on the options and the accumulation only, not on the
     context or the slices: ``bounds`` remembers it per options, so a setup whose model states do
@@ -370,13 +377,13 @@ def _largest_micro_batch(model, cluster, options, request, relax, per_gpu, space
     for i, mb in enumerate(sizes):
         workload = request.workload(relax.seq_len, relax.max_slice_nums, mb, per_gpu // mb)
         if i == 0 and options not in bounds:
-            bound = estimate(model, cluster, options, workload, zero, activations=False)
+            bound = estimate(model, cluster, options, workload, zero, activations=False, runtime=runtime)
             result.evaluated += 1
             bounds[options] = not _over(bound, gpu_cap, host_cap, nvme_cap)
             if not bounds[options]:
                 result.rejections.append(_rejection(options, workload, bound, gpu_cap, host_cap, True))
                 return None
-        est = estimate(model, cluster, options, workload, zero)
+        est = estimate(model, cluster, options, workload, zero, runtime=runtime)
         result.evaluated += 1
         if _over(est, gpu_cap, host_cap, nvme_cap):
             if best is None:
@@ -387,12 +394,18 @@ def _largest_micro_batch(model, cluster, options, request, relax, per_gpu, space
                 name = Candidate(options, workload, est, _NO_SPEED, ()).name
                 result.unknown.append(Unknown(name, est.unmodeled, est.per_gpu.total_bytes, est.host.total_bytes))
             break
+        if est.per_gpu.band.high > gpu_cap or est.host.band.high > host_cap:
+            if best is None:
+                name = Candidate(options, workload, est, _NO_SPEED, ()).name
+                result.tight.append(Tight(name, est.per_gpu.band, est.host.band, gpu_cap, host_cap))
+            break
         best = (workload, est)
     return best
 
 
 def _over(est: Estimate, gpu_cap: int, host_cap: int, nvme_cap: int) -> bool:
-    """Whether a budget is over its cap: certain even when the estimate is a lower bound."""
+    """Whether a budget is over its cap at the expected figure (DOES NOT FIT): certain for the
+    high end too, and for the full estimate when this one is a lower bound."""
     return est.per_gpu.total_bytes > gpu_cap or est.host.total_bytes > host_cap or est.nvme_bytes > nvme_cap
 
 

@@ -14,10 +14,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from planner.estimate import Estimate
+from planner.estimate.result import Band
 from planner.speed.step_time import StepTime
 from planner.units import MAX_SIZE_BYTES
 from planner.workload.inventory import MAX_SAMPLES, Workload
 from planner.workload.options import (
+    LORA_DROPOUT,
     Attention,
     Engine,
     LoraOptions,
@@ -35,9 +37,9 @@ DEFAULT_GLOBAL_BATCH = 16
 8 GPUs = 8). Rounded up to a multiple of the GPU count."""
 
 DEFAULT_MARGIN = 0.05
-"""Fraction of each budget (GPU memory, host RAM) kept free. The estimate already counts the
-allocator's usual reserve (docs/runtime.md); this is room for what it cannot see (a longer sample,
-a fragmentation spike)."""
+"""Fraction of each budget (GPU memory, host RAM) kept free at the HIGH end of its band. The band
+already spans the allocator's fragmentation and the workspaces (docs/runtime.md); this is room for
+what it cannot see (a longer sample than planned, another process on the GPU)."""
 
 SEQ_LEN_STEP = 64
 """Shortened contexts are multiples of 64 tokens (tensor-core friendly, and a round number)."""
@@ -76,6 +78,9 @@ class Request(BaseModel):
     freeze: tuple[str, ...] = ()
     without: tuple[str, ...] = ()
     lora: LoraOptions | None = None
+    lora_dropout: float = Field(default=LORA_DROPOUT, ge=0, lt=1)
+    """The dropout of the LoRA the search may fall back to (``--lora-dropout``; ``lora`` carries its
+    own): the plan writes it and the candidate is estimated with it."""
     precision: Precision | None = None
     """A precision the user insists on; None lets the search choose."""
     global_batch: int | None = Field(default=None, gt=0, le=MAX_SAMPLES)
@@ -203,6 +208,26 @@ class Rejection:
 
 
 @dataclass(frozen=True)
+class Tight:
+    """A setup whose expected figures fit the usable memory (capacity less the margin) but whose
+    band's high end does not: TIGHT, listed so the user sees it, never chosen.
+
+    Attributes:
+        name: the setup's canonical name (`Candidate.name`).
+        gpu: per GPU, low / expected / high bytes.
+        host: per node's host RAM, low / expected / high bytes.
+        gpu_usable_bytes: the GPU's capacity less the margin (and any cap), bytes.
+        host_usable_bytes: the same for host RAM.
+    """
+
+    name: str
+    gpu: Band
+    host: Band
+    gpu_usable_bytes: int
+    host_usable_bytes: int
+
+
+@dataclass(frozen=True)
 class Unknown:
     """A setup whose modelled part fits but whose estimate leaves something out (UNKNOWN): never
     ranked as fitting, listed so the user sees why."""
@@ -227,6 +252,9 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
     unknown: list[Unknown] = field(default_factory=list)
     """Setups whose modelled part fits and that are not all modelled, smallest micro-batch each."""
+    tight: list[Tight] = field(default_factory=list)
+    """Setups that fit at the expected figure but not at the band's high end, smallest micro-batch
+    each: never candidates."""
 
     @property
     def chosen(self) -> Candidate | None:

@@ -118,7 +118,7 @@ def _wrap(model: Any, plan: Plan, inv: Any, grad_ckpt: bool) -> Any:
         if grad_ckpt:
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         config = LoraConfig(r=lora.rank, lora_alpha=plan.trainer.lora_alpha or lora.rank,
-                            lora_dropout=plan.trainer.lora_dropout, bias="none",
+                            lora_dropout=lora.dropout, bias="none",
                             task_type=None if inv.multimodal else "CAUSAL_LM",
                             target_modules=fields["target_modules"], modules_to_save=fields["modules_to_save"] or None)
         model = get_peft_model(model, config)

@@ -18,7 +18,14 @@ from planner.errors import ProfileError
 from planner.profile.architectures import Part, TensorKind, TensorSpec
 from planner.profile.catalog import ModelSpec, close_matches
 from planner.profile.hf_groups import PROJECTOR_KIND, VISION_TOWER_KIND
-from planner.workload.media import QUERY_TOKENS, AudioLayout, ImageLayout, audio_layout, image_layout
+from planner.workload.media import (
+    AUDIO_POOL_STEP,
+    QUERY_TOKENS,
+    AudioLayout,
+    ImageLayout,
+    audio_layout,
+    image_layout,
+)
 from planner.workload.options import LoraOptions, TrainingOptions
 from planner.workload.vision import VisionLayout, VisionRule, check_vision
 
@@ -28,6 +35,10 @@ the reference's own example); with fewer slices it is cut as finely as they allo
 
 # Bounds on a workload, far beyond any real fine-tuning run; beyond them a number is a typo, and
 # the simulators (which step through every layer and every image crop) would take minutes.
+MIN_SEQ_LEN = 2
+"""Tokens per sample below which there is no step: the causal-LM loss predicts each token from the
+ones before it (labels shifted by one), so one token leaves nothing to predict, and the decoder
+simulator refuses it (`decoder.decoder_step_memory`)."""
 MAX_SEQ_LEN = 2**24
 """Tokens per sample (16,777,216). The longest context released: Llama 4 Scout's 10M tokens."""
 MAX_SAMPLES = 65_536
@@ -81,6 +92,9 @@ class Workload(BaseModel):
                                    ("--max-slice-nums", self.max_slice_nums, MAX_SLICE_NUMS)):
             if value > limit:
                 raise ValueError(f"{flag} {value}: memplan plans for at most {limit:,} (see docs/cli.md, bounds)")
+        if self.seq_len < MIN_SEQ_LEN:
+            raise ValueError(f"--seq-len {self.seq_len}: a training step needs at least {MIN_SEQ_LEN} tokens per "
+                             "sample (the causal-LM loss predicts each token from the ones before it)")
         width, height = self.image_size
         if not (0 < width <= MAX_IMAGE_SIDE and 0 < height <= MAX_IMAGE_SIDE):
             raise ValueError(f"--image-size {width}x{height}: each side must be from 1 to {MAX_IMAGE_SIDE:,} pixels")
@@ -88,6 +102,9 @@ class Workload(BaseModel):
             raise ValueError(f"--audio-seconds {self.audio_seconds}: must be a finite number of seconds, "
                              f"at most {MAX_AUDIO_SECONDS:,.0f}")
         layout, audio = self.image_layout(), self.audio()
+        if audio is not None and audio.encoder_positions < AUDIO_POOL_STEP:
+            raise ValueError(f"--audio-seconds {self.audio_seconds:g}: too short for MiniCPM-o, whose audio pooling "
+                             f"needs {AUDIO_POOL_STEP} encoder positions (more than 0.02 s of audio: 3 mel frames)")
         crops = self.micro_batch * self.images * (len(layout.crops) if layout else 0)
         if crops > MAX_CROPS_PER_MICRO_STEP:
             raise ValueError(f"--micro-batch {self.micro_batch} x --images {self.images} x {len(layout.crops)} "

@@ -137,8 +137,16 @@ MAX_LORA_RANK = 65_536
 adapter of higher rank holds more than the layer itself. Common ranks are 8 to 256."""
 
 
+LORA_DROPOUT = 0.05
+"""memplan's LoRA dropout when none is stated: what the plans of ``memplan tune`` write (MiniCPM-o's
+``finetune.py`` default, LitGPT's ``finetune/lora.py``, torchtune's 2024 Llama LoRA builders). Any
+p > 0 costs the same memory (each adapter keeps a dropped copy of its input and a bool mask,
+docs/activations.md) and p = 0 (peft's own default) costs less, so assuming it on never
+under-estimates a run whose dropout the user did not state; ``--lora-dropout 0`` says otherwise."""
+
+
 class LoraOptions(BaseModel):
-    """LoRA adapters (peft): rank, targets and the groups they go into."""
+    """LoRA adapters (peft): rank, targets, dropout and the groups they go into."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -148,9 +156,14 @@ class LoraOptions(BaseModel):
     linear except the output layer)."""
     groups: tuple[str, ...] = ()
     """Groups that get adapters; empty means every decoder (LLM) group."""
+    dropout: float = LORA_DROPOUT
+    """peft's ``lora_dropout``, a probability in [0, 1): 0 is an ``nn.Identity``, anything above an
+    ``nn.Dropout`` whose copy and mask each adapter keeps for backward (only p > 0 matters)."""
 
     @model_validator(mode="after")
     def _bounded(self) -> LoraOptions:
+        if not 0 <= self.dropout < 1:  # also NaN
+            raise ValueError(f"--lora-dropout {self.dropout}: a dropout probability is at least 0 and below 1")
         if self.rank > MAX_LORA_RANK:
             raise ValueError(f"--lora-rank {self.rank}: memplan plans for ranks up to {MAX_LORA_RANK:,} "
                              "(common ranks are 8 to 256)")

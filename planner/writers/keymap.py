@@ -253,7 +253,8 @@ def settings(plan: Plan) -> dict[str, Any]:
         "use_lora": bool(lora),
         "lora_rank": lora.rank if lora else None,
         "lora_alpha": (t.lora_alpha or lora.rank) if lora else None,
-        "lora_dropout": t.lora_dropout if lora else None,
+        # the dropout the plan was estimated with (an adapter's dropped input and mask cost memory)
+        "lora_dropout": lora.dropout if lora else None,
         "lora_target": ",".join(plan.lora_modules) if lora else None,
         # peft modules_to_save: what trains fully beside the adapters (LLaMA-Factory's
         # additional_target; its freeze_* flags do not make a module trainable under LoRA,

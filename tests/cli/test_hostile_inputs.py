@@ -192,7 +192,12 @@ BOTH = [
     ("audio-over-context", ["--model", "minicpm-o-2.6", "--gpus", "2x3090", "--images", "0", "--audio-seconds", "100",
                             "--seq-len", "64"], r"--audio-seconds 100 takes 2,700 LLM tokens, more than --seq-len 64"),
     ("audio-without-encoder", [*QWEN, "--audio-seconds", "30"], r"no audio encoder"),
+    ("audio-too-short", ["--model", "minicpm-o-2.6", "--gpus", "2x3090", "--audio-seconds", "0.02"],
+     r"--audio-seconds 0.02: too short for MiniCPM-o"),
+    ("seq-len-1", [*QWEN, "--seq-len", "1"], r"--seq-len"),  # was an internal error (exit 70)
     ("lora-rank-huge", [*QWEN, "--lora-rank", "1" + "0" * 400], r"--lora-rank 1000.*ranks up to 65,536"),
+    ("lora-dropout-one", [*QWEN, "--lora-rank", "8", "--lora-dropout", "1"], r"--lora-dropout.*1.0 is not in.*0<=x<1"),
+    ("lora-dropout-negative", [*QWEN, "--lora-rank", "8", "--lora-dropout", "-0.01"], r"--lora-dropout.*0<=x<1"),
     ("gpu-alias-takeover", _alias_takeover, r"'3090' is taken by 'rtx3090'.*replaces = 'rtx3090'"),
     ("gpu-name-takeover", _name_takeover, r"'rtx3090' is taken by 'rtx3090'"),
     ("gpu-full-name-takeover", _full_name_takeover, r"'NVIDIA GeForce RTX 3090' is taken by 'rtx3090'"),
@@ -347,6 +352,8 @@ def test_workload_bounds() -> None:
         (dict(audio_seconds=float("nan")), r"audio_seconds"),
         (dict(audio_seconds=float("inf")), r"--audio-seconds inf: must be a finite number"),
         (dict(seq_len=2**30), r"--seq-len"),
+        (dict(seq_len=1), r"--seq-len 1: a training step needs at least 2 tokens"),  # explain's files, the library
+        (dict(audio_seconds=0.02), r"--audio-seconds 0.02: too short"),  # one Whisper position: no pooled output
         (dict(micro_batch=10**6), r"--micro-batch"),
         (dict(image_size=(10**6, 10)), r"--image-size"),
     ):

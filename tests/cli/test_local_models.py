@@ -29,21 +29,22 @@ def test_images_for_llava(tmp_path: Path):
     assert doc["workload"]["images"] == 2 and doc["workload"]["vision"]["family"] == "llava"
     assert any(n.startswith("images: 2 per sample; LLaVA") and "576 LLM tokens" in n for n in doc["notes"])
     assert [g["name"] for g in doc["groups"]][:3] == ["llm", "vision_tower", "multi_modal_projector"]
-    named = " ".join(doc["unmodeled"])
-    assert "activations of vision_tower" in named and "activations of multi_modal_projector" in named
-    assert doc["verdict"] == "UNKNOWN"
+    # The tower and the projector run on the images: the whole step is traced on reduced copies
+    # of the real model (tests/cli/test_vlm_traced.py judges the figures), nothing is unmodelled.
+    assert not [u for u in doc["unmodeled"] if "activations of" in u], doc["unmodeled"]
+    assert doc["verdict"] != "UNKNOWN"
     default = _estimate(folder, "--seq-len", "2048")  # one image per sample where a tower is built
     assert default["workload"]["images"] == 1
     text_only = _estimate(folder, "--images", "0")
     assert "activations of vision_tower" not in " ".join(text_only["unmodeled"])
 
 
-def test_a_frozen_tower_that_runs_is_still_named(tmp_path: Path):
+def test_a_frozen_tower_that_runs_is_still_counted(tmp_path: Path):
     folder = write_model(tmp_path / "q", TINY_VLMS["qwen2_vl"])
     doc = _estimate(folder, "--freeze", "vision_tower,multi_modal_projector", "--image-size", "448x448")
     groups = {g["name"]: g for g in doc["groups"]}
     assert groups["vision_tower"]["trainable_params"] == 0
-    assert "activations of vision_tower" in " ".join(doc["unmodeled"])
+    assert not [u for u in doc["unmodeled"] if "activations of" in u], doc["unmodeled"]  # frozen, run, traced
     assert any("448x448 resized to 448x448" in n and "258 LLM tokens" in n for n in doc["notes"])  # 32x32/4 + 2
 
 

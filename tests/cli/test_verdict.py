@@ -1,7 +1,8 @@
 """`memplan estimate`'s verdict through the command line: FITS only when every byte is modelled,
 UNKNOWN (``fits: null``) with what is missing and the modelled part as a lower bound, DOES NOT FIT
-when the modelled part alone is over; sequences past learned positions refused (GPT-2), past a
-RoPE model's trained length warned (Qwen2), from real config.json files."""
+when the modelled part alone is over; MiniCPM's media and training dummies modelled; sequences
+past learned positions refused (GPT-2), past a RoPE model's trained length warned (Qwen2), from
+real config.json files."""
 
 from __future__ import annotations
 
@@ -14,12 +15,9 @@ from planner.cli import main
 from tests.hostile import assert_refused
 from tests.tiny_configs import TINY_GPT2, TINY_QWEN2, write_config
 
-DUMMY_GAPS = [
-    "activations of vpm (siglip_vision, on a dummy 224x224 image when a sample has none): no activation model",
-    "activations of resampler (resampler, on a dummy 224x224 image when a sample has none): no activation model",
-]
-"""Text-only samples on MiniCPM: its training forward runs a dummy image through the (frozen)
-vision tower and the resampler, which no simulator here models."""
+EIGHT_BIT_GAP = ["activations of llm (model_type 'gpt2'): the optimizer bitsandbytes.optim.AdamW8bit is not traced"]
+"""GPT-2 has no simulator: its step memory comes from traced steps (`estimate.generic`), and the
+tracer does not run bitsandbytes' 8-bit AdamW, so that step is genuinely not modelled."""
 
 
 def run(*args: str):
@@ -32,32 +30,50 @@ def estimate_json(*args: str) -> dict:
     return json.loads(result.output)
 
 
-def test_unknown_in_text_and_json():
-    """MiniCPM-o with text-only samples fits on its modelled part, but the dummy image's forward
-    through the vision tower is not modelled: UNKNOWN (``fits`` null) with what is missing, the GPU
-    figure a lower bound; the exit status is still 0 (an estimate was made)."""
-    args = ("--gpus", "2x3090", "--host-ram", "256GiB", "--images", "0")
+def gpt2_8bit(tmp_path: Path, host_ram: str) -> tuple[str, ...]:
+    """A GPT-2 config.json trained with 8-bit AdamW on one RTX 3090 (nothing is traced for it)."""
+    model = str(write_config(tmp_path / "gpt2", TINY_GPT2))
+    return ("--model", model, "--gpus", "1x3090", "--host-ram", host_ram, "--engine", "torch",
+            "--optimizer", "adamw-8bit", "--seq-len", "128")
+
+
+def test_unknown_in_text_and_json(tmp_path: Path):
+    """GPT-2 with an 8-bit optimizer fits on its modelled part, but its step's activations are
+    not modelled: UNKNOWN (``fits`` null) with what is missing, the GPU figure a lower bound; the
+    exit status is still 0 (an estimate was made)."""
+    args = gpt2_8bit(tmp_path, "64GiB")
     doc = estimate_json(*args)
-    assert doc["fits"] is None and doc["verdict"] == "UNKNOWN" and doc["unmodeled"] == DUMMY_GAPS
+    assert doc["fits"] is None and doc["verdict"] == "UNKNOWN" and doc["unmodeled"] == EIGHT_BIT_GAP
     assert doc["per_gpu"]["lower_bound"] is True and doc["host"]["lower_bound"] is False
     assert not any("activation" in n for n in doc["notes"])  # said once, as unmodeled, not as a note
     text = run("estimate", *args)
     assert text.exit_code == 0
     out = " ".join(text.output.split())
     assert "FITS" not in out.replace("DOES NOT FIT", "")
-    assert all(f"not modelled: {gap}" in out for gap in DUMMY_GAPS)
-    assert "UNKNOWN: per GPU needs at least" in out and "GiB (a lower bound)" in out
+    assert all(f"not modelled: {gap}" in out for gap in EIGHT_BIT_GAP)
+    assert "UNKNOWN: per GPU needs at least" in out and "(a lower bound)" in out
 
 
-def test_modelled_part_alone_over_does_not_fit():
-    """A lower bound over its budget is certain: the same setup with 64 GiB of host RAM needs
-    147.86 GiB of it on the modelled part alone (the host is all modelled), so it DOES NOT FIT."""
-    args = ("--gpus", "2x3090", "--host-ram", "64GiB", "--images", "0")
+def test_modelled_part_alone_over_does_not_fit(tmp_path: Path):
+    """A lower bound over its budget is certain: the same setup with 1 GiB of host RAM needs
+    2.00 GiB of it on the modelled part alone (the host is all modelled), so it DOES NOT FIT."""
+    args = gpt2_8bit(tmp_path, "1GiB")
     doc = estimate_json(*args)
     assert doc["fits"] is False and doc["verdict"] == "DOES NOT FIT" and doc["binding"] == "host"
-    assert doc["unmodeled"] == DUMMY_GAPS
+    assert doc["unmodeled"] == EIGHT_BIT_GAP
     out = " ".join(run("estimate", *args).output.split())
-    assert "DOES NOT FIT on the modelled part alone: host RAM per node needs 147.86 GiB of 64.00 GiB" in out
+    assert "DOES NOT FIT on the modelled part alone: host RAM per node needs 2.00 GiB of 1.00 GiB" in out
+
+
+def test_minicpm_text_only_and_audio_are_modelled():
+    """MiniCPM's training dummies (a 224x224 image when a sample has none, 1 s of audio when it
+    has none) and the audio projection are modelled: text-only samples and samples with audio
+    get a verdict, not UNKNOWN."""
+    for media in (("--images", "0"), ("--audio-seconds", "10"), ("--images", "0", "--audio-seconds", "10")):
+        doc = estimate_json("--model", "minicpm-o-2.6", "--gpus", "2x3090", "--host-ram", "256GiB", *media)
+        assert doc["verdict"] == "FITS" and doc["unmodeled"] == [], media
+    doc = estimate_json("--gpus", "2x3090", "--host-ram", "256GiB", "--images", "0")  # the reference, text only
+    assert doc["verdict"] == "FITS" and doc["unmodeled"] == [] and doc["per_gpu"]["lower_bound"] is False
 
 
 def test_reference_case_still_fits():

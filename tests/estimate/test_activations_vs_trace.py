@@ -15,7 +15,9 @@ fp32 / amp-bf16 / amp-fp16 / pure-bf16 and four optimizers.
 The judge is planner.judge.trace, which dispatches ``aten::silu_backward`` as a CUDA build does (on a
 CPU-only build its decomposition allocates five [tokens, intermediate] temporaries a GPU never
 allocates; docs/activations.md, "What disagreed, and why", item 1). LoRA cases wrap the model in
-peft inside a worker of the same tracer (the tracer itself cannot).
+peft (with its ``lora_dropout``) inside a worker of the same tracer (the tracer itself cannot);
+checkpointed cases run in that worker too, which removes MemTracker's module hooks as each step
+starts (item 2).
 """
 
 from __future__ import annotations
@@ -141,13 +143,47 @@ CASES = {
     ),
 }
 
+DROPOUT_CASES = {
+    # peft LoRA with lora_dropout > 0 (nn.Dropout: native_dropout's scaled copy saved by lora_A, its
+    # bool mask by the dropout): amp over an fp32 base on every linear, so o_proj's and down_proj's
+    # bf16 inputs are cast to fp32 by peft and dropped in fp32; sdpa flash.
+    "qwen2-amp-lora-dropout": dict(
+        model_config=_decoder("qwen2"),
+        precision="amp-bf16",
+        seq_len=512,
+        micro_batch=2,
+        lora=dict(r=8, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                  dropout=0.1),
+    ),
+    # bf16 base, checkpointing: the dropout runs again in each layer's recomputation.
+    "llama-pure-lora-dropout-ckpt": dict(
+        model_config=_decoder("llama"),
+        precision="pure-bf16",
+        grad_ckpt=True,
+        seq_len=512,
+        micro_batch=2,
+        lora=dict(r=16, targets=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], dropout=0.05),
+    ),
+    # fp32 GQA (sdpa's math path), every linear adapted: the dropped copies are fp32.
+    "mistral-fp32-lora-dropout": dict(
+        model_config=_decoder("mistral"),
+        precision="fp32",
+        seq_len=512,
+        lora=dict(r=8, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                  dropout=0.05),
+    ),
+}
+CASES.update(DROPOUT_CASES)
+CASES["qwen2-frozen-embed-layer0-ckpt"] = dict(CASES["qwen2-frozen-embed-layer0-sgd"], grad_ckpt=True)
+
 
 # ---- the judge ---------------------------------------------------------------------------------
 
 def run_judge(req: TraceRequest, lora: dict | None = None, timeout: float = 900) -> TraceResult:
-    """``planner.judge.trace.trace_step``, optionally with the model wrapped in peft LoRA
-    (``{"r": 8, "targets": ["q_proj", ...]}``; the tracer itself cannot)."""
-    if lora is None:
+    """``planner.judge.trace.trace_step``, or for LoRA (``{"r": 8, "targets": ["q_proj", ...],
+    "dropout": 0.05}``: the model wrapped in peft, which the tracer itself cannot) and checkpointed
+    steps, the same trace in this file's worker (`_judge_worker`)."""
+    if lora is None and not req.grad_ckpt:
         return planner.judge.trace.trace_step(req, timeout=timeout)
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
@@ -186,15 +222,48 @@ def _peft_builder(lora: dict):  # noqa: ANN202
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model = get_peft_model(
                 model,
-                LoraConfig(
-                    r=lora["r"], lora_alpha=2 * lora["r"], lora_dropout=0.0, target_modules=list(lora["targets"])
-                ),
+                LoraConfig(r=lora["r"], lora_alpha=2 * lora["r"], lora_dropout=lora.get("dropout", 0.0),
+                           target_modules=list(lora["targets"])),
             )
         planner.judge.trace.fake_from_meta(model, dev, req.precision)
         model.train()
         return model
 
     return build
+
+
+def _hooks_released_each_step() -> None:
+    """Remove MemTracker's module hooks as each step starts. ``ModTracker`` puts a
+    ``register_multi_grad_hook`` on every module input that requires grad; on a leaf (the
+    embeddings' output that ``enable_input_require_grads`` marks: transformers 5 does it whenever
+    checkpointing is on) the hook sits on its AccumulateGrad node with a closure that holds that
+    node, a cycle through C++ that no collection breaks, so the leaf and its ``.grad`` outlive the
+    step (docs/activations.md, "What disagreed", item 2), where a run without the tracker frees
+    them. The hooks only attribute memory to modules; the totals do not use them."""
+    import torch.distributed._tools.mod_tracker as mod_tracker
+
+    register = mod_tracker.register_multi_grad_hook
+    handles = []
+
+    def recording(tensors, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        handle = register(tensors, fn, *args, **kwargs)
+        handles.append(handle)
+        return handle
+
+    mod_tracker.register_multi_grad_hook = recording
+    make = planner.judge.trace._make_tracker_class
+
+    def make_class():  # noqa: ANN202
+        class Releasing(make()):
+            def reset_mod_stats(self) -> None:
+                for handle in handles:
+                    handle.remove()
+                handles.clear()
+                super().reset_mod_stats()
+
+        return Releasing
+
+    planner.judge.trace._make_tracker_class = make_class
 
 
 def _judge_worker() -> None:
@@ -211,6 +280,7 @@ def _judge_worker() -> None:
 
     if envelope.get("lora"):
         planner.judge.trace._build_model = _peft_builder(envelope["lora"])
+    _hooks_released_each_step()
     res = planner.judge.trace._run_trace(req, "cuda", notes, lambda msg: None)
     sys.stdout.write(json.dumps(asdict(res)) + "\n")
     sys.stdout.flush()
@@ -260,6 +330,7 @@ def estimate(case: dict) -> tuple[StepMemory, dict[str, int]]:
         optimizer_impl=opts.optimizer_impl,
         params=params,
         workspaces=False,
+        lora_dropout=case.get("lora", {}).get("dropout", 0.0),
     )
     states = {c: 0 for c in Category}
     for item in model_state_items(params, opts, 1):
@@ -322,6 +393,17 @@ def test_step_peak_matches_trace(name: str) -> None:
         ACT_TOL,
         "forward peak activations",
     )
+
+
+def test_dropout_cases_need_the_dropout() -> None:
+    """The LoRA dropout cases could fail: estimated as ``lora_dropout`` 0 (an ``nn.Identity``, what
+    the replay assumed before) their activations + temporaries at the peak miss the trace by more
+    than the tolerance."""
+    for name, case in DROPOUT_CASES.items():
+        res = _trace(name)
+        _, without = estimate(dict(case, lora=dict(case["lora"], dropout=0.0)))
+        got = res.at_peak["activations"] + res.at_peak["temporaries"]
+        assert (got - without["activations+temporaries"]) / got > ACT_TOL, name
 
 
 def test_activations_are_a_large_share_of_the_peak() -> None:

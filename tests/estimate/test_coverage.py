@@ -1,6 +1,7 @@
 """What the ledger leaves out (`estimate.coverage`) and the verdict it leads to: every group that
-runs in the step without a model, frozen or not, MiniCPM's dummy media included; NVMe offload's
-host buffers; the modelled part as a lower bound (FITS only when nothing is left out)."""
+runs in the step without a model, frozen or not (MiniCPM's encoders, on its media and on its
+training dummies, all have one); NVMe offload's host buffers; the modelled part as a lower bound
+(FITS only when nothing is left out)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ from dataclasses import replace
 import pytest
 
 from planner.estimate import Verdict, estimate
+from planner.estimate.audio_projection import audio_projection_memory
 from planner.estimate.coverage import NO_STEP_MODEL, NVME_GAP
-from planner.estimate.result import Category, Item, Place, Unmodeled, assemble
+from planner.estimate.encoders import resampler_memory, vision_tower_memory
+from planner.estimate.result import Category, Item, Phase, Place, Unmodeled, assemble
+from planner.estimate.step import step_items
+from planner.estimate.whisper import whisper_encoder_memory
 from planner.profile.catalog import build_model, load_catalog
 from planner.profile.hardware import make_cluster
 from planner.profile.hf_config import model_from_config
 from planner.units import GIB
-from planner.workload.inventory import Workload
+from planner.workload.inventory import Workload, trainable_inventory
 from planner.workload.options import Engine, Offload, TrainingOptions, ZeroStage
 from planner.workload.reference import REFERENCE_GROUPS
 from tests.tiny_configs import TINY_GPT2, write_config
@@ -32,25 +37,23 @@ def _gaps(model, options, **workload) -> tuple[str, ...]:
     return estimate(model, BIG, options, Workload(max_slice_nums=1, **workload)).unmodeled
 
 
-@pytest.mark.parametrize("without, media, gaps", [
-    # finetune.py's build with an image: the vision tower (frozen), resampler and LLM are all modelled
-    (REFERENCE_GROUPS["without"], {"images": 1}, ()),
+@pytest.mark.parametrize("without, media", [
+    # finetune.py's build with an image: the vision tower (frozen), resampler and LLM
+    (REFERENCE_GROUPS["without"], {"images": 1}),
     # a text-only sample: MiniCPM runs a dummy 224x224 image through the frozen tower and the resampler
-    (REFERENCE_GROUPS["without"], {"images": 0}, (
-        "activations of vpm (siglip_vision, on a dummy 224x224 image when a sample has none): no activation model",
-        "activations of resampler (resampler, on a dummy 224x224 image when a sample has none): no activation model")),
-    # audio built and given: Whisper is modelled, its projection is not; tts never runs in the step
-    ((), {"images": 1, "audio_seconds": 10.0}, (
-        "activations of audio_projection_layer (mlp_projector, on the audio): no activation model",)),
+    (REFERENCE_GROUPS["without"], {"images": 0}),
+    # audio built and given: Whisper and its projection; tts never runs in the step
+    ((), {"images": 1, "audio_seconds": 10.0}),
     # audio built, none in the sample: a dummy 1 s audio through both
-    ((), {"images": 1}, (
-        "activations of apm (whisper_encoder, on a dummy 1 s audio when a sample has none): no activation model",
-        "activations of audio_projection_layer (mlp_projector, on a dummy 1 s audio when a sample has none): "
-        "no activation model")),
+    ((), {"images": 1}),
+    # neither: both dummies
+    ((), {"images": 0}),
 ])
-def test_groups_that_run_without_a_model(without, media, gaps):
+def test_minicpm_media_and_dummies_are_modelled(without, media):
+    """Every MiniCPM group that runs in the step has a model, on real media or on the training
+    dummies (modeling_minicpmo.py, the ``self.training`` branches): nothing is left out."""
     options = REFERENCE.model_copy(update={"without": without})
-    assert _gaps(MINICPM, options, **media) == gaps
+    assert _gaps(MINICPM, options, **media) == ()
 
 
 def test_issue_case_gpt2_is_not_fits(tmp_path):
@@ -97,3 +100,28 @@ def test_dropout_the_decoder_model_ignores():
     dropped = replace(QWEN, groups=(replace(llm, config={**llm.config, "attention_dropout": 0.1}),))
     assert estimate(dropped, BIG, TrainingOptions(zero=ZeroStage.GRADIENTS), Workload()).unmodeled == (
         "dropout (attention_dropout 0.1) of llm: not modelled",)
+
+
+def test_dummy_media_are_one_small_call_each():
+    """MiniCPM's training dummies: one 224x224 crop ((224 / 14)^2 = 256 patches, no mask) and one
+    100-frame mel input (50 Whisper positions, no mask), once per micro-step whatever the
+    micro-batch. What each encoder holds through the LLM's forward is its simulator's answer for
+    that call (DeepSpeed: a bf16 module, no autocast; everything trained, checkpointed)."""
+    options = REFERENCE.model_copy(update={"without": ("tts",), "freeze": ()})
+    params = trainable_inventory(MINICPM, options)
+    items, modeled = step_items(MINICPM, params, options, Workload(micro_batch=2, images=0), [])
+    assert {"vpm", "resampler", "apm", "audio_projection_layer"} <= modeled
+    cfg = {g.name: g.config for g in MINICPM.groups}
+    common = dict(trained=True, module_dtype_bytes=2, autocast=False)
+    expected = {
+        "vpm": vision_tower_memory(cfg["vpm"], crops=1, patches=256, attn="eager", grad_ckpt=True, **common),
+        "resampler": resampler_memory(cfg["resampler"], crops=1, patches=256, input_requires_grad=True, **common),
+        "apm": whisper_encoder_memory(cfg["apm"], pieces=1, positions=50, attn="eager", grad_ckpt=True,
+                                      minicpm_o=True, masked=False, **common),
+        "audio_projection_layer": audio_projection_memory(cfg["audio_projection_layer"], pieces=1, positions=50,
+                                                          input_requires_grad=True, **common),
+    }
+    for name, enc in expected.items():
+        held = [it.nbytes for it in items if it.group == name and it.category is Category.ACTIVATIONS
+                and it.phases == frozenset({Phase.FORWARD})]
+        assert held == [enc.held_for_backward] and enc.held_for_backward > 0, name

@@ -156,3 +156,49 @@ def test_ledger_equals_deepspeed(stage, off_opt, off_param, frozen, overlap, pre
     if off_param:
         trained_gpu = _sum(ledger, Category.WEIGHTS, (Place.GPU,))
         assert trained_gpu < _sum(ledger, Category.WEIGHTS, (Place.HOST,))
+
+
+def test_zero3_nvme_optimizer_keeps_gradient_partitions_on_the_host():
+    """ZeRO-3 with the optimizer on NVMe keeps the gradient partitions where CPU offload does, in
+    host memory; only the master partition's fp32 gradients go to the drive. NVMe cannot run here,
+    so the rule is read from the installed DeepSpeed (0.19.8 runtime/zero/stage3.py): any optimizer
+    offload, NVMe included, sets ``offload_optimizer`` (L823-L826), which makes ``self.device``
+    "cpu" (L333), where ``grad_partitions_flat_buffer`` lives (L791-L795); the fp32 gradients of
+    swappable sub-groups are swapped out (L1448-L1464). The harness's placement rule
+    (``ds_harness._home``, checked against real engines) says the same."""
+    import inspect
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero import stage3
+
+    from tests.ds_harness import _home
+
+    src = " ".join(inspect.getsource(stage3.DeepSpeedZeroOptimizer_Stage3).split())
+    assert ("if offload_optimizer_config is not None and offload_optimizer_config.device != OffloadDeviceEnum.none: "
+            "self.offload_optimizer = True") in src
+    assert ("self.device = get_accelerator().current_device_name() if not self.offload_optimizer "
+            "else OffloadDeviceEnum.cpu") in src
+    assert "dtype=self.gradient_accumulation_dtype, device=self.device)" in src
+    assert "self.optimizer_swapper.swap_out_gradients(" in src
+
+    nvme = SimpleNamespace(device="nvme", pin_memory=True)
+    engine = SimpleNamespace(optimizer=None, zero_optimization_stage=lambda: 3,
+                             _config=SimpleNamespace(zero_config=SimpleNamespace(offload_optimizer=nvme,
+                                                                                 offload_param=None)))
+    assert _home(engine, "gradients", "grad_partitions_flat_buffer") == "host(pinned)"
+
+    def grads(device: Offload) -> dict[Place, int]:
+        group = Group("llm", "decoder", tuple(build_tensors("decoder", DEFAULT_MODEL_CONFIG)), DEFAULT_MODEL_CONFIG)
+        options = TrainingOptions(engine=Engine.DEEPSPEED, zero=ZeroStage.PARAMETERS, offload_optimizer=device)
+        params = trainable_inventory(ModelSpec("harness-qwen2", "tests/ds_harness.py", (group,)), options)
+        out = dict.fromkeys(Place, 0)
+        for item in model_state_items(params, options, 2, ZeroSettings.hf_auto(HIDDEN)):
+            if item.category is Category.GRADIENTS:
+                out[item.place] += item.nbytes
+        return out
+
+    on_nvme, on_cpu = grads(Offload.NVME), grads(Offload.CPU)
+    assert on_nvme[Place.GPU] == 0 and on_nvme[Place.HOST] > 0
+    # the bf16 partition buffer (2 B an element) on the host, the fp32 master .grad (4 B) on the drive
+    assert on_nvme[Place.NVME] == 2 * on_nvme[Place.HOST]
+    assert on_nvme[Place.HOST] + on_nvme[Place.NVME] == on_cpu[Place.HOST]

@@ -118,7 +118,7 @@ def test_reference_report_screen_and_files_given_together():
     out = " ".join(result.output.split())
     assert "binding budget: host RAM per node, at its optimizer peak" in out
     assert "host RAM 64 -> 192 GiB per node (+128 GiB)" in out and "LoRA r=64 on llm" in out
-    assert "edit: --lora_r 64" in out and "--use_lora true" in out and "--tune_llm false" in out
+    assert "edit: --lora_dropout 0.05; --lora_r 64" in out and "--use_lora true" in out and "--tune_llm false" in out
     assert "fp32 logits for a large vocabulary" in out
     assert "ignored in finetune_ds.sh" in out and "--eval_data_path" in out
 
@@ -284,7 +284,10 @@ def test_traps_of_the_shipped_script_defaults(tmp_path: Path):
     assert traps["frozen_llm_keeps_activations"]["llm_activation_bytes"] > 0
     assert traps["images_not_truncated"]["image_tokens"] == 665 and traps["images_not_truncated"]["crops"] == 10
     zero3 = traps["zero3_full_model_per_rank"]
-    assert zero3["load_bytes_without_zero_init"] > zero3["load_bytes_with_zero_init"]
+    # One GPU, the LLM frozen: under zero.Init each frozen partition (here the whole tensor) is
+    # pinned on its own, and the host allocator rounds each to a power of two (a 136 MB MLP weight
+    # takes 256 MiB), so zero.Init's load is the larger one here (docs/runtime.md).
+    assert zero3["load_bytes_with_zero_init"] > zero3["load_bytes_without_zero_init"] > 0
     assert doc["options"]["freeze"] == ["llm"] and doc["options"]["zero_init"] is False
 
 
@@ -304,7 +307,10 @@ def test_auto_buckets_trap_for_a_wide_model(tmp_path: Path):
     trap = next(t for t in doc["traps"] if t["name"] == "auto_buckets")
     assert trap["stage3_prefetch_bucket_size"] == int(0.9 * 8192 * 8192)
     buckets = (8192 * 8192 + int(0.9 * 8192 * 8192) - 2) * 2  # bf16, less the one-element buckets compared
-    assert buckets <= trap["bucket_gpu_bytes"] <= 1.1 * buckets  # plus the allocator's share of them
+    # plus the allocator's share of them: the expected fragmentation and a 2 MiB segment rounding
+    from planner.estimate.runtime import FRAGMENTATION
+
+    assert buckets <= trap["bucket_gpu_bytes"] <= (1 + FRAGMENTATION[1]) * buckets + 2 * 2**20
 
 
 # --- the round trip through the writers ------------------------------------------------------------

@@ -240,6 +240,35 @@ def test_cli_tune_json_and_files(tmp_path: Path):
     assert again.exit_code == 2 and "already there" in again.output and "Traceback" not in again.output
 
 
+def test_lora_dropout_is_one_field(tmp_path: Path):
+    """``--lora-dropout`` is estimated and written as one value: plan.json's ``options.lora.dropout``
+    (which the built-in target gives peft), MiniCPM's ``--lora_dropout`` and LLaMA-Factory's
+    ``lora_dropout``; the plan's bytes are the estimate with it (dropout on costs memory), and explain
+    reads it back from either file (from MiniCPM's script, the plan's very bytes)."""
+    out = tmp_path / "p"
+    host = ["--gpus", "2x3090", "--host-ram", "256GiB"]
+    result = CliRunner().invoke(main, ["tune", *host, "--target", "minicpm", "--lora-rank", "64", "--lora-dropout",
+                                       "0.1", "--train", "llm.embed_tokens,resampler", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    plan = Plan.read(out / "plan.json")
+    assert plan.options.lora is not None and plan.options.lora.dropout == 0.1
+    assert "--lora_dropout 0.1" in (out / "minicpm_finetune.sh").read_text()
+    assert yaml.safe_load((out / "llamafactory.yaml").read_text())["lora_dropout"] == 0.1
+    cluster, model = _cluster(256), MINICPM
+    assert estimate(model, cluster, plan.options, plan.workload).per_gpu.total_bytes == plan.per_gpu_bytes
+    kept = plan.options.model_copy(update={"grad_ckpt": False})  # all layers' dropped inputs held at once
+    off = kept.model_copy(update={"lora": kept.lora.model_copy(update={"dropout": 0.0})})
+    assert (estimate(model, cluster, off, plan.workload).per_gpu.total_bytes
+            < estimate(model, cluster, kept, plan.workload).per_gpu.total_bytes)
+    for script in ("minicpm_finetune.sh", "llamafactory.yaml"):
+        read = CliRunner().invoke(main, ["explain", str(out / script), str(out / "ds_config.json"), *host, "--json"])
+        assert read.exit_code == 0, read.output
+        doc = json.loads(read.output)
+        assert doc["settings"]["lora_dropout"]["value"] == 0.1 and doc["options"]["lora"]["dropout"] == 0.1
+        if script == "minicpm_finetune.sh":  # LLaMA-Factory builds MiniCPM-o's audio encoder: another setup
+            assert doc["per_gpu"]["total_bytes"] == plan.per_gpu_bytes
+
+
 @pytest.mark.parametrize("args, message", [
     (["--global-batch", "3"], "not a multiple of the 2 GPUs"),
     (["--must-train", "vpm"], "the request does not train it"),

@@ -18,10 +18,10 @@ from planner.search.search import search
 from planner.search.space import Constraints, Request
 from planner.units import GIB
 from planner.workload.options import Offload
-from tests.tiny_configs import TINY_GPT2, write_config
+from tests.tiny_configs import TINY_GPT2, TINY_QWEN2, write_config
 
 CATALOG = load_catalog(())
-DUMMY_GAP = "activations of vpm (siglip_vision, on a dummy 224x224 image when a sample has none): no activation model"
+DROPOUT_GAP = "dropout (attention_dropout 0.1) of llm: not modelled"
 
 
 def test_nvme_setups_are_unknown_and_never_ranked():
@@ -52,22 +52,23 @@ def test_contexts_past_learned_positions_are_skipped(tmp_path: Path):
 
 
 def test_tune_writes_no_plan_when_all_is_unknown(tmp_path: Path):
-    """`memplan tune` for MiniCPM-o on text-only samples: every setup runs the dummy image through
-    the vision tower, which is not modelled, so nothing fits (exit 1, no folder) although 256 GiB
-    holds the request's modelled part; one line says how many setups are UNKNOWN and why. In JSON
-    each is ``fits: null``."""
+    """`memplan tune` for a Qwen2 config.json that trains with attention dropout: the decoder model
+    leaves dropout out, and every setup trains that config, so nothing fits (exit 1, no folder)
+    although 64 GiB holds the request's modelled part; one line says how many setups are UNKNOWN
+    and why. In JSON each is ``fits: null``."""
+    model = str(write_config(tmp_path / "qwen", TINY_QWEN2, attention_dropout=0.1))
     out = tmp_path / "plan"
-    args = ["tune", "--gpus", "2x3090", "--host-ram", "256GiB", "--images", "0", "--out", str(out)]
+    args = ["tune", "--model", model, "--gpus", "1x3090", "--host-ram", "64GiB", "--seq-len", "256", "--out", str(out)]
     text = CliRunner(env={"COLUMNS": "200"}).invoke(main, args)
     assert text.exit_code == 1, text.output
     screen = " ".join(text.output.split())
     assert "NOTHING FITS in the search space that memplan models fully." in screen
-    assert screen.count("UNKNOWN, not ranked:") == 1 and f"their estimates leave out: {DUMMY_GAP}" in screen
+    assert screen.count("UNKNOWN, not ranked:") == 1 and f"their estimates leave out: {DROPOUT_GAP}" in screen
     assert "chosen:" not in screen and "wrote" not in screen and not out.exists()
     doc = CliRunner().invoke(main, [*args, "--json"])
     assert doc.exit_code == 1
     doc = json.loads(doc.output)
     assert doc["chosen"] is None and doc["candidates"] == [] and doc["fixes"] == []
-    assert doc["unknown"] and all(u["fits"] is None and u["verdict"] == "UNKNOWN" and DUMMY_GAP in u["unmodeled"]
+    assert doc["unknown"] and all(u["fits"] is None and u["verdict"] == "UNKNOWN" and DROPOUT_GAP in u["unmodeled"]
                                   for u in doc["unknown"])
     assert not out.exists()

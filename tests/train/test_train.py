@@ -369,6 +369,20 @@ def test_lora_fields(tiny):
         lora_settings(model, inv)
 
 
+def test_lora_dropout_reaches_peft(tmp_path, tiny):
+    """The built-in target gives peft the dropout the plan was estimated with."""
+    from planner.plan import Plan
+    from planner.train.params import load_inventory
+    from planner.train.run import _wrap
+
+    options = TrainingOptions(lora=LoraOptions(rank=4, targets=("q_proj",), dropout=0.1))
+    plan = Plan.read(write_plan(tmp_path / "plan", tiny, options) / "plan.json")
+    inv = load_inventory("tiny-qwen2", str(tiny), options)
+    wrapped = _wrap(_meta_model(tiny), plan, inv, grad_ckpt=False)
+    assert wrapped.peft_config["default"].lora_dropout == 0.1
+    assert wrapped.base_model.model.model.layers[0].self_attn.q_proj.lora_dropout["default"].p == 0.1
+
+
 def test_multi_group_profile_names_are_module_attributes():
     from planner.train.params import load_inventory
 
