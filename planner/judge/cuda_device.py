@@ -304,9 +304,15 @@ def deepspeed_steps(spec: StepSpec, device: str = "cuda", steps: int = TIMED_STE
         created = _single_process_group(deepspeed, "nccl" if device.startswith("cuda") else "gloo")
     except Exception as exc:  # noqa: BLE001  no NCCL, a port refused: the matrix goes on without it
         raise StepFailed(f"no process group for DeepSpeed: {type(exc).__name__}: {_first_line(exc)}") from None
+    # ZeRO-3 replaces torch.nn.functional.linear with its own autograd function for the life of
+    # the process ("This will persist unless manually reset", partition_parameters.py
+    # _enable_mem_efficient_linear): every later step of the matrix, and any FLOP count, would
+    # run DeepSpeed's linear. Put torch's back.
+    linear = torch.nn.functional.linear
     try:
         return _zero3_steps(deepspeed, spec, device, steps)
     finally:
+        torch.nn.functional.linear = linear
         if created:
             torch.distributed.destroy_process_group()
 

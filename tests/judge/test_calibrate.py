@@ -212,11 +212,13 @@ def test_real_training_step_runs_on_the_cpu(monkeypatch, spec):
 def test_real_zero3_step_runs_on_the_cpu(monkeypatch):
     """The ZeRO-3 step: one process, world size 1 (gloo here, NCCL on a GPU)."""
     pytest.importorskip("deepspeed")
+    import torch
     import torch.distributed as dist
 
     import planner.judge.calibrate as calibrate
     from planner.judge.cuda_device import deepspeed_steps
 
+    linear = torch.nn.functional.linear
     monkeypatch.setitem(calibrate.MODELS, "tiny", TINY)
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         monkeypatch.setenv(key, value)  # restored afterwards; the port is found free by the step
@@ -227,3 +229,4 @@ def test_real_zero3_step_runs_on_the_cpu(monkeypatch):
         if dist.is_initialized():
             dist.destroy_process_group()
     assert len(times) == 2
+    assert torch.nn.functional.linear is linear  # ZeRO-3's replacement of F.linear undone
