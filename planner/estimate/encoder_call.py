@@ -184,3 +184,26 @@ def layer_params(s: Tape, trained: bool, d: int, inter: int, k_bias: bool = True
               "fc1.w": d * inter, "fc1.b": inter, "fc2.w": inter * d, "fc2.b": d}
     return {k: s.param(v, trained) for k, v in shapes.items() if v}
 
+
+def layer_tail(s: Tape, x: Tensor, o: Tensor, h: Tensor, probs: Tensor | None, p: dict[str, Tensor], d: int,
+               n: int, inter: int, keep_ln2_through_fc2: bool) -> Tensor:
+    """The pre-norm encoder layer after its attention, as SigLIP and Whisper write it: output
+    projection, residual, ``layer_norm2``, ``fc1``, activation, ``fc2``, residual. ``h`` (the
+    first norm's output) and ``o`` (attention's) are freed after the projection; ``probs`` (eager
+    attention's weights, returned as ``_``) lives to the layer's end. ``keep_ln2_through_fc2``:
+    SigLIP's MLP is a submodule called with the norm's output, which stays bound until it
+    returns; Whisper rebinds ``hidden_states`` so the norm's output dies after ``fc1``."""
+    a = s.linear(o, p["o.w"], p["o.b"], d)
+    s.drop(o, h)
+    x2 = s.add(x, a)
+    s.drop(a)
+    h2 = s.layer_norm(x2, p["ln2.w"], p["ln2.b"], n)
+    f = s.linear(h2, p["fc1.w"], p["fc1.b"], inter)
+    g = s.unary_saving_input(f)  # hidden_states = self.activation_fn(self.fc1(hidden_states))
+    early, late = ((), (h2,)) if keep_ln2_through_fc2 else ((h2,), ())
+    s.drop(f, *early)
+    y = s.linear(g, p["fc2.w"], p["fc2.b"], d)
+    s.drop(g, *late)
+    out = s.add(x2, y)
+    s.drop(x2, y, probs)
+    return out

@@ -31,6 +31,7 @@ from planner.estimate.encoder_call import (
     encoder_tape,
     finish_call,
     layer_params,
+    layer_tail,
     lse_len,
 )
 from planner.estimate.ledger import BOOL, FP32, Tensor
@@ -63,19 +64,7 @@ def _siglip_layer(s: Tape, x: Tensor, p: dict[str, Tensor], dims: tuple[int, ...
         # is already [b, L, h, d] in memory and `.transpose(1, 2).contiguous()` is free
         o, probs = s.attention(q, k, v, c * heads * lse_len(s, seq)), None
     s.drop(q, k, v)
-    a = s.linear(o, p["o.w"], p["o.b"], d)
-    s.drop(o, h)
-    x2 = s.add(x, a)
-    s.drop(a)
-    h2 = s.layer_norm(x2, p["ln2.w"], p["ln2.b"], n)
-    f = s.linear(h2, p["fc1.w"], p["fc1.b"], inter)
-    g = s.unary_saving_input(f)
-    s.drop(f)
-    y = s.linear(g, p["fc2.w"], p["fc2.b"], d)
-    s.drop(g, h2)
-    out = s.add(x2, y)
-    s.drop(x2, y, probs)  # `hidden_states, _ = self.self_attn(...)`: `_` lives to the layer's end
-    return out
+    return layer_tail(s, x, o, h, probs, p, d, n, inter, keep_ln2_through_fc2=True)
 
 
 def vision_tower_memory(cfg: Mapping[str, Any], *, crops: int, patches: int, chunk: int = VISION_BATCH_SIZE,

@@ -16,6 +16,7 @@ from planner.estimate.encoder_call import (
     encoder_tape,
     finish_call,
     layer_params,
+    layer_tail,
     lse_len,
 )
 from planner.estimate.ledger import BOOL, INT64, Tensor
@@ -51,19 +52,7 @@ def _whisper_layer(s: Tape, x: Tensor, p: dict[str, Tensor], dims: tuple[int, ..
         o, probs = s.clone(flash), None
         s.drop(flash)
     s.drop(q, k, v)
-    a = s.linear(o, p["o.w"], p["o.b"], d)
-    s.drop(o, h)
-    x2 = s.add(x, a)
-    s.drop(a)
-    h2 = s.layer_norm(x2, p["ln2.w"], p["ln2.b"], n)
-    f = s.linear(h2, p["fc1.w"], p["fc1.b"], inter)
-    g = s.unary_saving_input(f)  # hidden_states = self.activation_fn(self.fc1(hidden_states))
-    s.drop(f, h2)
-    y = s.linear(g, p["fc2.w"], p["fc2.b"], d)
-    s.drop(g)
-    out = s.add(x2, y)
-    s.drop(x2, y, probs)
-    return out
+    return layer_tail(s, x, o, h, probs, p, d, n, inter, keep_ln2_through_fc2=False)
 
 
 def whisper_encoder_memory(cfg: Mapping[str, Any], *, pieces: int, positions: int, attn: str, trained: bool,
